@@ -1,0 +1,105 @@
+"""The trainer: paper schedules by hand, balanced sampling, augmentation that keeps labels aligned,
+checkpoints that round-trip and resume bit-exactly."""
+import numpy as np
+import pytest
+import torch
+
+from fastgicn.config import TileConfig
+from fastgicn.errors import ConfigError
+from fastgicn.models import create_model
+from fastgicn.train import (ArraySource, PatchDataset, Trainer, TrainConfig, augment, is_glass, load_checkpoint,
+                            make_schedule, model_from_checkpoint, save_checkpoint)
+
+
+def test_paper_schedules_by_hand():
+    cam = make_schedule("camelyon16")
+    assert cam(0) == 5e-4 and cam(9_999) == 5e-4
+    assert cam(10_000) == pytest.approx(5e-4 * 0.98) and cam(25_000) == pytest.approx(5e-4 * 0.98 ** 2)
+    gastric = make_schedule("gastric")
+    assert [gastric(i) for i in (0, 379_999, 380_000, 459_999, 460_000)] == [1e-4, 1e-4, 1e-5, 1e-5, 1e-6]
+    assert gastric.total_iterations == 500_000
+    with pytest.raises(ConfigError, match="--lr"):
+        make_schedule("constant")
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        make_schedule("cosine")
+
+
+def test_glass_rule_is_strictly_above_220():
+    assert is_glass(np.full((4, 4, 3), 221, np.uint8))
+    tile = np.full((4, 4, 3), 221, np.uint8)
+    tile[2, 1, 0] = 220                     # one pixel not above 220 in one channel keeps the tile
+    assert not is_glass(tile)
+
+
+def striped_source(size=256, seed=0):
+    """Glass on the left quarter, tissue elsewhere, tumour (darker) in the bottom half of the tissue."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((size, size, 3), 240, np.uint8)
+    mask = np.zeros((size, size), bool)
+    rgb[:, size // 4:] = rng.integers(150, 200, (size, 3 * size // 4, 3))
+    mask[size // 2:, size // 4:] = True
+    rgb[mask] //= 2
+    return ArraySource(rgb, mask)
+
+
+def test_dataset_keeps_tissue_patches_and_balances_positives():
+    ds = PatchDataset([striped_source()], size=32, positive_fraction=0.75)
+    assert len(ds) == 8 * 6                  # 8 x 8 grid, first two columns are glass
+    assert len(ds.positive) == 24 and len(ds.negative) == 24
+    picks = ds.sample_indices(4000, torch.Generator().manual_seed(0))
+    share = np.isin(picks, ds.positive).mean()
+    assert abs(share - 0.75) < 0.03
+
+
+def test_augmentation_moves_labels_with_pixels():
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 3, 16, 16, generator=g)
+    labels = (images[:, 0] > 0.5).long()      # the label is a function of the pixel itself
+    out, out_labels = augment(images, labels, g, colour_jitter=0.0)
+    assert torch.equal((out[:, 0] > 0.5).long(), out_labels)
+    assert not torch.equal(out, images)       # something moved
+
+
+def tiny_config(**overrides):
+    values = dict(model="resnet50_gicn_gpp", model_kwargs={"width": 0.0625}, iterations=4, batch_size=2,
+                  schedule="constant", lr=0.01, log_every=0, seed=7)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_resume_from_a_checkpoint_is_exact(tmp_path):
+    ds = PatchDataset([striped_source()], size=64, cache=True)
+    straight = Trainer(tiny_config(), ds, log=lambda s: None)
+    straight.fit(4)
+
+    first = Trainer(tiny_config(), ds, out_dir=tmp_path, log=lambda s: None)
+    first.fit(2)
+    resumed = Trainer(tiny_config(), ds, log=lambda s: None)
+    resumed.resume(tmp_path / "last.pt")
+    assert resumed.iteration == 2
+    resumed.fit(4)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet50_gicn", k=5, width=0.0625).eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, tile_config=TileConfig(tile_size=256), iteration=3)
+    payload = load_checkpoint(path)
+    assert payload["model_name"] == "resnet50_gicn" and payload["model_kwargs"] == {"k": 5, "width": 0.0625}
+    assert payload["tile_config"]["tile_size"] == 256 and payload["normalization"]["mean"] == list(model.mean)
+    rebuilt = model_from_checkpoint(path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x80\x02not a checkpoint")
+    with pytest.raises(ConfigError, match="broken.pt"):
+        load_checkpoint(broken)
