@@ -1,0 +1,142 @@
+"""The `fastgicn` command: segment slides, train, make synthetic slides, summarise models.
+
+Library errors (FastGicnError) are printed as one line naming the file or value and the fix, exit status 2;
+only this module turns them into an exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, FastGicnError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: write it as WIDTHxHEIGHT, e.g. 20000x15000") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r}: width and height must be positive")
+    return w, h
+
+
+def cmd_synth(args) -> int:
+    from .synth import write_synthetic_slide
+
+    slide, mask = write_synthetic_slide(args.out, args.size[0], args.size[1], seed=args.seed, mpp=args.mpp)
+    print(f"wrote {slide} and its ground-truth mask {mask} (synthetic H&E-like data, seed {args.seed})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models.summary import format_summary
+
+    print(format_summary(args.side))
+    return 0
+
+
+def _training_sources(args, slides, masks, seed_offset: int):
+    from .synth import SyntheticSlide
+    from .train import SlideSource, SyntheticSource
+
+    if slides:
+        if masks and len(masks) != len(slides):
+            raise ConfigError(f"{len(slides)} slides but {len(masks)} masks: give one mask per slide, or none "
+                              "to use SLIDE.mask.tif beside each slide")
+        return [SlideSource(s, masks[i] if masks else None) for i, s in enumerate(slides)]
+    w, h = args.synthetic_size
+    return [SyntheticSource(SyntheticSlide(w, h, seed=args.seed + seed_offset + i)) for i in range(args.synthetic)]
+
+
+def cmd_train(args) -> int:
+    from .config import TileConfig
+    from .train import PatchDataset, Trainer, TrainConfig
+
+    model_kwargs = {"width": args.width}
+    if args.model != "resnet50_gpp":
+        model_kwargs["k"] = args.k
+    config = TrainConfig(model=args.model, model_kwargs=model_kwargs, iterations=args.iterations,
+                         batch_size=args.batch_size, schedule=args.schedule, lr=args.lr, seed=args.seed,
+                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, device=args.device,
+                         log_every=args.log_every)
+    if not args.slides and not args.synthetic:
+        raise ConfigError("no training data: pass slides (with SLIDE.mask.tif beside them or --masks), "
+                          "or --synthetic N to train on N synthetic slides")
+    cache = not args.slides
+    train_set = PatchDataset(_training_sources(args, args.slides, args.masks, 0), size=args.patch_size,
+                             downsample=args.downsample, positive_fraction=args.positive_fraction, cache=cache)
+    val_set = None
+    if args.val_slides or args.synthetic:
+        val_set = PatchDataset(_training_sources(args, args.val_slides, args.val_masks, 10_000),
+                               size=args.patch_size, downsample=args.downsample, cache=cache)
+    print(f"training {args.model}({model_kwargs}) on {len(train_set)} patches "
+          f"({len(train_set.positive)} with tumour); validating on {len(val_set) if val_set else 0}")
+    trainer = Trainer(config, train_set, val_set, TileConfig(tile_size=args.patch_size), out_dir=args.out)
+    if args.resume:
+        trainer.resume(args.resume)
+        print(f"resumed from {args.resume} at iteration {trainer.iteration}")
+    trainer.fit()
+    print(f"checkpoint: {Path(args.out) / 'last.pt'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgicn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic H&E-like slide and its ground-truth mask")
+    p.add_argument("out", type=Path, help="output slide: .svs (Aperio-style) or .tif (generic tiled TIFF)")
+    p.add_argument("--size", type=parse_size, default=(8192, 8192), help="WIDTHxHEIGHT in level-0 pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mpp", type=float, default=0.25, help="microns per pixel at level 0 (0.25 is about 40x)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a model on slides with tumour masks (or on synthetic slides)")
+    p.add_argument("slides", nargs="*", type=Path)
+    p.add_argument("--masks", nargs="*", type=Path, default=None, help="one mask per slide (default SLIDE.mask.tif)")
+    p.add_argument("--val-slides", nargs="*", type=Path, default=[])
+    p.add_argument("--val-masks", nargs="*", type=Path, default=None)
+    p.add_argument("--synthetic", type=int, default=0, help="train on N synthetic slides instead of files")
+    p.add_argument("--synthetic-size", type=parse_size, default=(2048, 2048))
+    p.add_argument("--model", default="resnet50_gicn_gpp")
+    p.add_argument("--k", type=int, default=7, help="GICN kernel size (odd, 1..15)")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 is the paper's network)")
+    p.add_argument("--patch-size", type=int, default=512)
+    p.add_argument("--downsample", type=int, default=1, help="read patches at this pyramid downsample")
+    p.add_argument("--positive-fraction", type=float, default=0.5)
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--schedule", default="camelyon16", choices=["camelyon16", "gastric", "constant"])
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (replaces the schedule's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by train")
+    p.add_argument("-o", "--out", type=Path, default=Path("runs/train"))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="parameters and GMACs of each model beside the paper's figures")
+    p.add_argument("--side", type=int, default=512)
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FastGicnError as exc:
+        print(f"fastgicn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastgicn {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
