@@ -1,0 +1,24 @@
+"""Type stub for the Cython extension built from csrc/_tiler.pyx (see its module docstring).
+
+Every function validates its arguments and raises `fastgicn.errors.ConfigError` (a ValueError) naming the
+shape, dtype or stride at fault, then runs its loop with the GIL released.
+"""
+import numpy as np
+import numpy.typing as npt
+
+def argb_to_rgb(src: npt.NDArray[np.uint32], out: npt.NDArray[np.uint8], threshold: int = 220) -> int:
+    """Premultiplied ARGB (h, w) uint32 -> RGB on white in `out` (h, w, 3); returns the background count."""
+
+def rgba_to_rgb(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], threshold: int = 220) -> int:
+    """Straight-alpha RGBA (h, w, 4) -> RGB on white in `out` (h, w, 3); returns the background count."""
+
+def rgb_to_rgb(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], threshold: int = 220) -> int:
+    """Copy RGB (h, w, 3) into `out` (h, w, 3); returns the background count."""
+
+def to_slot(src: npt.NDArray[np.uint32] | npt.NDArray[np.uint8], batch: npt.NDArray[np.uint8], slot: int,
+            y0: int = 0, x0: int = 0, threshold: int = 220) -> int:
+    """Write a tile (ARGB, RGBA or RGB) into batch[slot] at (y0, x0), pad the rest of the slot white;
+    returns the background count over the whole slot, padding included."""
+
+def white_fraction(rgb: npt.NDArray[np.uint8], threshold: int = 220) -> float:
+    """Fraction of pixels with R, G and B all > threshold ((h, w, 3 or 4) uint8; 1.0 for an empty array)."""
