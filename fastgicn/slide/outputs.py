@@ -1,0 +1,468 @@
+"""What a segmented slide leaves behind, each file written under a temporary name and renamed when complete.
+
+- `PyramidBandWriter`: a pyramidal tiled TIFF (uint8, one channel) fed a band of rows at a time, as the stitcher
+  finishes them; it runs `fastgicn.slide.pyramid_tiff.write_pyramid` (which pulls tiles) in a thread, so the
+  stitched image is never held whole and compression overlaps the network.
+- `LowRes`: block averages of the stitched rows at a reduced scale, for polygons, the overlay and areas.
+- `mask_to_polygons` / `geojson_features`: tumour outlines traced exactly along pixel edges (holes included),
+  in level-0 coordinates, as QuPath imports them (objectType "annotation", classification "Tumor").
+- `write_overlay_png`, `write_json`, `write_geojson`: atomic small-file writers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import secrets
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import ConfigError, SlideError
+
+TUMOR_CLASS = "Tumor"
+TUMOR_COLOR = (200, 0, 0)  # QuPath's default red for "Tumor"
+
+
+# ---------------------------------------------------------------------------------------------------
+# atomic files
+
+def temp_name(path: Path) -> Path:
+    """The hidden temporary name a file is written under before it is renamed to `path`."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it to `path` when the block succeeds, delete it otherwise."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SlideError(f"cannot write {path}: directory {path.parent} does not exist; create it first")
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise SlideError(f"cannot write {path}: {exc.strerror or exc}; check free space and permissions "
+                         f"in {path.parent}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json(path, obj) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=_json_default)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def remove_partials(directory, name: str) -> list[Path]:
+    """Delete temporary files a killed run left for output `name` in `directory` (ours and the TIFF writer's)."""
+    removed = []
+    for p in Path(directory).glob(f".{name}.*"):
+        if p.suffix in (".partial", ".spool") and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------
+# streaming pyramidal TIFF
+
+class _Aborted(Exception):
+    """Raised inside the writer thread to make write_pyramid discard its temporary file."""
+
+
+class PyramidBandWriter:
+    """Stream a `width` x `height` single-channel uint8 image into a pyramidal tiled TIFF, rows in order.
+
+    `write_rows(y0, rows)` takes the next rows (y0 must follow the previous call); `close()` waits for the file
+    to be complete and renamed into place; `abort()` discards it. Memory: about ``(queue_bands + 2) * tile *
+    width`` bytes here plus the writer's own band per level; `write_rows` blocks while the writer is behind.
+    `downsample` is "mean" for probabilities and "majority" for 0/255 labels (see pyramid_tiff).
+    """
+
+    def __init__(self, path, width: int, height: int, *, mpp: float | None = None, tile: int = 256,
+                 compression: str = "deflate", downsample: str = "mean", description: str | None = None,
+                 queue_bands: int = 1):
+        from .pyramid_tiff import write_pyramid
+
+        self.path, self.width, self.height, self.tile = Path(path), int(width), int(height), int(tile)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_bands))
+        self._abort = threading.Event()
+        self._error: BaseException | None = None
+        self._next_row = 0
+        self._band: np.ndarray | None = None
+        self._band_top = 0
+        self._band_fill = 0
+        self.seconds = 0.0  # time the writer thread spent encoding and writing (not waiting)
+        self._closed = False
+        kwargs = dict(channels=1, tile=self.tile, compression=compression, downsample=downsample, mpp=mpp,
+                      description=description)
+        self._thread = threading.Thread(target=self._run, args=(write_pyramid, kwargs), daemon=True,
+                                        name=f"fastgicn-write-{self.path.name}")
+        self._thread.start()
+
+    # writer thread -----------------------------------------------------------------------------------
+    def _run(self, write_pyramid, kwargs) -> None:
+        import time
+
+        current = {"top": -1, "band": None}
+
+        def read_tile(x, y, w, h):
+            if y != current["top"]:
+                while True:
+                    if self._abort.is_set():
+                        raise _Aborted()
+                    try:
+                        top, band = self._queue.get(timeout=0.05)
+                        break
+                    except queue.Empty:
+                        continue
+                if top != y:
+                    raise RuntimeError(f"writer expected the band at row {y}, got {top}")
+                current["top"], current["band"] = top, band
+            return current["band"][:h, x:x + w]
+
+        t0 = time.perf_counter()
+        try:
+            write_pyramid(self.path, self.width, self.height, read_tile, **kwargs)
+        except _Aborted:
+            pass
+        except BaseException as exc:  # handed to the main thread by write_rows / close
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    # main thread -------------------------------------------------------------------------------------
+    def _put(self, item) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if not self._thread.is_alive():
+                raise SlideError(f"the writer of {self.path} stopped unexpectedly")
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def write_rows(self, y0: int, rows: np.ndarray) -> None:
+        if self._closed:
+            raise ConfigError(f"{self.path}: write_rows after close")
+        if y0 != self._next_row:
+            raise ConfigError(f"{self.path}: rows must come in order: got row {y0}, expected {self._next_row}")
+        if rows.ndim != 2 or rows.shape[1] != self.width or rows.dtype != np.uint8:
+            raise ConfigError(f"{self.path}: rows must be uint8 (n, {self.width}), got {rows.dtype} {rows.shape}")
+        if y0 + len(rows) > self.height:
+            raise ConfigError(f"{self.path}: rows {y0}..{y0 + len(rows)} pass the image height {self.height}")
+        if self._error is not None:
+            raise self._error
+        self._next_row += len(rows)
+        i = 0
+        while i < len(rows):
+            if self._band is None:
+                n = min(self.tile, self.height - self._band_top)
+                self._band = np.empty((n, self.width), np.uint8)
+                self._band_fill = 0
+            take = min(len(rows) - i, len(self._band) - self._band_fill)
+            self._band[self._band_fill:self._band_fill + take] = rows[i:i + take]
+            self._band_fill += take
+            i += take
+            if self._band_fill == len(self._band):
+                self._put((self._band_top, self._band))
+                self._band_top += len(self._band)
+                self._band = None
+
+    def close(self) -> Path:
+        """Wait until the file is complete and in place; raise what went wrong if it is not."""
+        if self._closed:
+            return self.path
+        if self._next_row != self.height:
+            self.abort()
+            raise ConfigError(f"{self.path}: closed after {self._next_row} of {self.height} rows")
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.1)
+        self._closed = True
+        if self._error is not None:
+            raise self._error
+        return self.path
+
+    def abort(self) -> None:
+        """Stop the writer and delete its temporary files; the final name is never created."""
+        self._abort.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._thread.join()
+        self._closed = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# reduced-scale summary of the stitched rows
+
+class LowRes:
+    """Block means of a stream of uint8 rows: image (height, width) -> (ceil(height/f), ceil(width/f)).
+
+    `add(y0, rows)` takes rows in order; `result()` gives the float32 mean of each block (partial blocks at
+    the right and bottom edges average the pixels they have). Also counts pixels >= `count_threshold`.
+    """
+
+    def __init__(self, width: int, height: int, factor: int, count_threshold: int = 128):
+        if factor < 1:
+            raise ConfigError(f"factor={factor}: use an integer >= 1")
+        self.width, self.height, self.factor = int(width), int(height), int(factor)
+        self.out_w, self.out_h = math.ceil(width / factor), math.ceil(height / factor)
+        self.out = np.zeros((self.out_h, self.out_w), np.float32)
+        self._col_starts = np.arange(0, self.width, factor)
+        self._col_counts = np.diff(np.append(self._col_starts, self.width))
+        self._acc = np.zeros(self.width, np.uint64)
+        self._rows_in_block = 0
+        self._next = 0
+        self.count_threshold = count_threshold
+        self.count = 0  # pixels >= count_threshold seen so far
+
+    def add(self, y0: int, rows: np.ndarray) -> None:
+        if y0 != self._next:
+            raise ConfigError(f"LowRes rows must come in order: got {y0}, expected {self._next}")
+        self._next += len(rows)
+        self.count += int(np.count_nonzero(rows >= self.count_threshold))
+        i = 0
+        f = self.factor
+        while i < len(rows):
+            y = y0 + i
+            block = y // f
+            block_end = min((block + 1) * f, self.height)
+            take = min(len(rows) - i, block_end - y)
+            self._acc += rows[i:i + take].sum(axis=0, dtype=np.uint64)
+            self._rows_in_block += take
+            i += take
+            if y + take == block_end:
+                sums = np.add.reduceat(self._acc, self._col_starts)
+                self.out[block] = sums / (self._col_counts * self._rows_in_block)
+                self._acc[:] = 0
+                self._rows_in_block = 0
+
+    def result(self) -> np.ndarray:
+        if self._next != self.height:
+            raise ConfigError(f"LowRes got {self._next} of {self.height} rows")
+        return self.out
+
+
+def lowres_factor(width: int, height: int, max_side: int) -> int:
+    """The smallest power of two f with ceil(max(width, height) / f) <= max_side."""
+    f = 1
+    while math.ceil(max(width, height) / f) > max_side:
+        f *= 2
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------
+# polygons
+
+# directions of boundary edges, clockwise on screen (x right, y down): east, south, west, north
+_DX = np.array([1, 0, -1, 0])
+_DY = np.array([0, 1, 0, -1])
+# preference at a vertex with two ways on (a saddle): turn right, else straight, else left. Turning right
+# keeps diagonal neighbours apart, i.e. regions are 4-connected, matching ndimage.label's default.
+# rank of each turn (d_out - d_in) % 4 = straight 0, right 1, u-turn 2, left 3: lower is preferred
+_RANK = np.array([1, 0, 3, 2])
+
+
+def _boundary_edges(mask: np.ndarray):
+    """Unit edges between foreground and background, oriented with the foreground on the right."""
+    p = np.pad(mask, 1)
+    fg = p[1:-1, 1:-1]
+    sides = ((fg & ~p[:-2, 1:-1], 0, 0, 0),  # background above: east along the top edge from (x, y)
+             (fg & ~p[1:-1, 2:], 1, 1, 0),  # background right: south from (x+1, y)
+             (fg & ~p[2:, 1:-1], 2, 1, 1),  # background below: west from (x+1, y+1)
+             (fg & ~p[1:-1, :-2], 3, 0, 1))  # background left: north from (x, y+1)
+    px, py, sx, sy, d = [], [], [], [], []
+    for sel, direction, ox, oy in sides:
+        ys, xs = np.nonzero(sel)
+        px.append(xs)
+        py.append(ys)
+        sx.append(xs + ox)
+        sy.append(ys + oy)
+        d.append(np.full(len(xs), direction, np.int8))
+    return (np.concatenate(px), np.concatenate(py), np.concatenate(sx), np.concatenate(sy),
+            np.concatenate(d).astype(np.int64))
+
+
+def _trace(mask: np.ndarray):
+    """All boundary rings of a binary mask: list of (vertices (k, 2) int64 corners x, y; a pixel (x, y) on the
+    ring's foreground side). Exterior rings have positive shoelace area (x right, y down), holes negative."""
+    px, py, sx, sy, d = _boundary_edges(mask)
+    n = len(d)
+    if n == 0:
+        return []
+    stride = mask.shape[1] + 3
+    start_key = sy * stride + sx
+    end_key = (sy + _DY[d]) * stride + (sx + _DX[d])
+    order = np.argsort(start_key, kind="stable")
+    sorted_keys = start_key[order]
+    lo = np.searchsorted(sorted_keys, end_key, "left")
+    hi = np.searchsorted(sorted_keys, end_key, "right")
+    nxt = order[lo].copy()
+    two = np.flatnonzero(hi - lo == 2)
+    if len(two):
+        a, b = order[lo[two]], order[lo[two] + 1]
+        ra = _RANK[(d[a] - d[two]) % 4]
+        rb = _RANK[(d[b] - d[two]) % 4]
+        nxt[two] = np.where(ra <= rb, a, b)
+    if np.any((hi - lo) < 1) or np.any((hi - lo) > 2):
+        raise RuntimeError("boundary tracing found an open boundary; this is a bug")
+    # walk the cycles of the permutation `nxt`
+    visited = bytearray(n)
+    nxt_list = nxt.tolist()
+    rings = []
+    for e0 in range(n):
+        if visited[e0]:
+            continue
+        cycle = []
+        e = e0
+        while not visited[e]:
+            visited[e] = 1
+            cycle.append(e)
+            e = nxt_list[e]
+        idx = np.asarray(cycle)
+        dirs = d[idx]
+        corner = dirs != np.roll(dirs, 1)  # keep a vertex only where the direction changes
+        verts = np.stack([sx[idx][corner], sy[idx][corner]], axis=1)
+        rings.append((verts, (int(px[e0]), int(py[e0]))))
+    return rings
+
+
+def ring_area(verts: np.ndarray) -> float:
+    """Shoelace area of a ring (positive for our exterior rings, x right and y down)."""
+    x, y = verts[:, 0].astype(np.float64), verts[:, 1].astype(np.float64)
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def mask_to_polygons(mask: np.ndarray, min_pixels: int = 0) -> list[list[np.ndarray]]:
+    """Outlines of the 4-connected foreground regions of a 2-D mask, traced along pixel edges.
+
+    Returns one entry per region: ``[exterior, hole, hole, ...]``, each ring a (k, 2) int64 array of corner
+    vertices (x, y) in pixel-corner coordinates (pixel (x, y) spans [x, x+1) x [y, y+1)), not repeated at the
+    end. Filling the exterior minus the holes (even-odd) gives back exactly the region's pixels. Regions with
+    fewer than `min_pixels` pixels are left out.
+    """
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 2:
+        raise ConfigError(f"mask_to_polygons needs a 2-D mask, got shape {mask.shape}")
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return []
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    regions: dict[int, list] = {}
+    for verts, (x, y) in _trace(mask):
+        lab = int(labels[y, x])
+        if sizes[lab] < min_pixels:
+            continue
+        entry = regions.setdefault(lab, [[], []])
+        entry[0 if ring_area(verts) > 0 else 1].append(verts)
+    polygons = []
+    for lab in sorted(regions):
+        exteriors, holes = regions[lab]
+        if len(exteriors) != 1:  # a 4-connected region has one outer boundary
+            raise RuntimeError(f"region {lab} traced with {len(exteriors)} outer rings; this is a bug")
+        polygons.append([exteriors[0]] + holes)
+    return polygons
+
+
+def geojson_features(polygons, scale: float | tuple[float, float] = 1.0, *, clip: tuple[float, float] | None = None,
+                     name: str = TUMOR_CLASS, color=TUMOR_COLOR, mpp: float | None = None) -> dict:
+    """A GeoJSON FeatureCollection of `polygons` (from `mask_to_polygons`) scaled to level-0 pixels.
+
+    `scale` is level-0 pixels per mask pixel (x, y); `clip` the level-0 width and height (vertices on a partial
+    edge block are pulled back onto the slide). Each region is one QuPath annotation classified `name`;
+    `mpp` adds its area in square microns as a measurement.
+    """
+    sx, sy = (scale, scale) if np.isscalar(scale) else scale
+    features = []
+    for rings in polygons:
+        coords = []
+        area_px = 0.0
+        for ring in rings:
+            xy = ring.astype(np.float64) * (sx, sy)
+            if clip is not None:
+                xy[:, 0] = np.minimum(xy[:, 0], clip[0])
+                xy[:, 1] = np.minimum(xy[:, 1], clip[1])
+            area_px += ring_area(xy)
+            closed = np.vstack([xy, xy[:1]])
+            coords.append([[_num(v) for v in p] for p in closed])
+        props = {"objectType": "annotation", "classification": {"name": name, "color": list(color)},
+                 "isLocked": False}
+        if mpp:
+            props["measurements"] = {"Area µm^2": round(area_px * mpp * mpp, 2)}
+        features.append({"type": "Feature", "id": str(uuid.uuid4()),
+                         "geometry": {"type": "Polygon", "coordinates": coords}, "properties": props})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _num(v: float):
+    r = round(v, 3)
+    return int(r) if r == int(r) else r
+
+
+def write_geojson(path, collection: dict) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(collection, fh, separators=(",", ":"))
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# overlay
+
+def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, color=TUMOR_COLOR, alpha: float = 0.45) -> np.ndarray:
+    """The thumbnail (h, w, 3) tinted with `color` where `mask` is set, tumour outlines drawn solid."""
+    if thumbnail.shape[:2] != mask.shape:
+        raise ConfigError(f"thumbnail {thumbnail.shape[:2]} and mask {mask.shape} differ in size")
+    mask = mask.astype(bool)
+    out = thumbnail.astype(np.float32)
+    c = np.asarray(color, np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * c
+    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    out[edge] = c
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def write_overlay_png(path, thumbnail: np.ndarray, mask: np.ndarray, max_side: int = 2048) -> Path:
+    """Overlay of the mask on the thumbnail as a PNG, shrunk so its long side is at most `max_side`."""
+    from PIL import Image
+
+    img = Image.fromarray(overlay_image(thumbnail, mask))
+    if max(img.size) > max_side:
+        s = max_side / max(img.size)
+        img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.LANCZOS)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", optimize=False)
+    return path
