@@ -108,6 +108,11 @@ def sm_count(device: torch.device) -> int:
 
 
 def params_key(module: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced, moved or modified in place (packed-weight cache key)."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+    """Changes whenever a parameter or buffer is replaced, moved or modified in place (packed-weight cache key).
+
+    Tensors created under torch.inference_mode() keep no version counter: for those only replacement is seen,
+    so modify such weights by assigning new tensors, not in place (load_state_dict into a model built outside
+    inference mode is fine).
+    """
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device, tuple(t.shape))
                  for t in list(module.parameters()) + list(module.buffers()))
