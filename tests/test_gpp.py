@@ -199,3 +199,28 @@ def test_gpp_paper_shape(dtype, channels_last, batch):
     ref = reference(m, x)
     assert_matches(y, ref, dtype)
     assert_matches(y2, ref, dtype)
+
+
+# --- bench/bench_gpp.py: it needs a GPU to time anything, but every code path runs here -----------------------
+
+def test_bench_gpp_dry_run_smoke_and_no_gpu_message(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_gpp.py"
+    spec = importlib.util.spec_from_file_location("_bench_gpp", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dry-run", "--batch", "1", "8"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert {(c["c_in"], c["side"], c["c_out"]) for c in planned["cases"]} == {(2048, 64, 512)}
+    assert len(planned["cases"]) == 2 * 2 * 2
+    if not HAS_CUDA:
+        assert bench.main(["--batch", "1"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    out = tmp_path / "gpp.json"
+    assert bench.main(["--smoke", "--batch", "1", "--dtype", "float32", "--layout", "channels_last",
+                       "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["max_rel_err"] < 1e-4 and row["triton_inplace_ms"] > 0
