@@ -1,0 +1,252 @@
+"""The streaming pyramidal TIFF writer, checked through OpenSlide and tifffile against NumPy references."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import tracemalloc
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from fastgicn.errors import ConfigError, SlideError
+from fastgicn.slide import pyramid_tiff
+from fastgicn.slide.pyramid_tiff import pyramid_sizes, write_pyramid
+
+
+def reference_reduce(img: np.ndarray, mode: str) -> np.ndarray:
+    """Independent 2x2 reduction: blocks cut by the border use the pixels that exist (written with loops over
+    the four block offsets and explicit counts, not by edge padding as the writer does)."""
+    h, w = img.shape[:2]
+    oh, ow = (h + 1) // 2, (w + 1) // 2
+    total = np.zeros((oh, ow) + img.shape[2:], np.float64)
+    count = np.zeros((oh, ow) + (1,) * (img.ndim - 2), np.float64)
+    votes = np.zeros_like(total)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            part = img[dy::2, dx::2].astype(np.float64)
+            total[:part.shape[0], :part.shape[1]] += part
+            votes[:part.shape[0], :part.shape[1]] += part >= 128
+            count[:part.shape[0], :part.shape[1]] += 1
+    if mode == "mean":
+        return np.floor(total / count + 0.5).astype(np.uint8)
+    # majority: at least half of the existing pixels are foreground (2 of 4, 1 of 2, 1 of 1)
+    return np.where(votes / count >= 0.5, 255, 0).astype(np.uint8)
+
+
+def smooth_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A JPEG-friendly test image: gradients plus soft blobs (no high-frequency texture)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    wave = np.sin(xx / 37.0) * np.cos(yy / 53.0)
+    img = np.stack([60 + 150 * xx / w, 60 + 150 * yy / h, 120 + 60 * wave], -1)
+    for _ in range(12):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 90)
+        img -= 50 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def tile_reader(img: np.ndarray, calls: list | None = None):
+    def read_tile(x, y, w, h):
+        if calls is not None:
+            calls.append((x, y, w, h))
+        return img[y:y + h, x:x + w]
+    return read_tile
+
+
+def test_pyramid_sizes_halve_until_long_side_fits():
+    sizes = pyramid_sizes(100_000, 100_000)
+    assert sizes[0] == (100_000, 100_000) and sizes[-1] == (782, 782) and len(sizes) == 8
+    assert pyramid_sizes(1001, 703, min_level_size=100) == [(1001, 703), (501, 352), (251, 176), (126, 88),
+                                                            (63, 44)]
+    assert pyramid_sizes(800, 600) == [(800, 600)]
+
+
+@pytest.mark.parametrize("aperio", [True, False], ids=["svs", "generic-tiff"])
+def test_rgb_pyramid_opens_in_openslide(tmp_path, aperio):
+    h, w = 703, 1001  # odd on both axes, so every level has a cut edge
+    img = smooth_rgb(h, w)
+    path = tmp_path / ("slide.svs" if aperio else "slide.tif")
+    calls = []
+    levels = write_pyramid(path, w, h, tile_reader(img, calls), tile=128, mpp=0.25, aperio=aperio, app_mag=40,
+                           min_level_size=100)
+    # each level-0 tile pulled exactly once, row-major, clipped at the edges
+    expected = [(x, y, min(128, w - x), min(128, h - y)) for y in range(0, h, 128) for x in range(0, w, 128)]
+    assert calls == expected
+
+    slide = openslide.OpenSlide(path)
+    assert slide.properties["openslide.vendor"] == ("aperio" if aperio else "generic-tiff")
+    assert slide.level_count == 5 == len(levels)
+    assert slide.level_dimensions == ((1001, 703), (501, 352), (251, 176), (126, 88), (63, 44))
+    for got, want in zip(slide.level_downsamples, [1, 2, 4, 8, 16]):
+        assert got == pytest.approx(want, rel=0.02)
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+    assert float(slide.properties["openslide.mpp-y"]) == pytest.approx(0.25)
+    if aperio:
+        assert float(slide.properties["openslide.objective-power"]) == 40
+        assert float(slide.properties["aperio.AppMag"]) == 40
+    level0 = np.asarray(slide.read_region((0, 0), 0, (w, h)))[..., :3].astype(np.int16)
+    assert np.abs(level0 - img).mean() < 1.5  # JPEG q90
+
+    # each level is the 2x2 area average of the exact level above (JPEG error only)
+    ideal = img
+    for k in range(1, slide.level_count):
+        ideal = reference_reduce(ideal, "mean")
+        got = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]))[..., :3].astype(np.int16)
+        assert got.shape == ideal.shape
+        assert np.abs(got - ideal).mean() < 2.0, k
+
+
+def test_levels_are_in_the_main_ifd_chain_with_resolution(tmp_path):
+    img = smooth_rgb(600, 900)
+    path = tmp_path / "chain.tif"
+    write_pyramid(path, 900, 600, tile_reader(img), tile=256, mpp=0.5, min_level_size=250,
+                  description="a test image")
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 3  # 900, 450, 225 wide: every level is a top-level page
+        for k, page in enumerate(tif.pages):
+            assert page.is_tiled and page.tilewidth == 256 and page.tilelength == 256
+            assert "SubIFDs" not in page.tags
+            assert page.subfiletype == (0 if k == 0 else 1)  # FILETYPE_REDUCEDIMAGE below level 0
+            assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+            num, den = page.tags["XResolution"].value
+            assert 1e4 / (num / den) == pytest.approx(0.5 * 900 / page.imagewidth, rel=1e-6)
+            assert page.compression == tifffile.COMPRESSION.JPEG
+        assert tif.pages[0].description == "a test image"
+
+
+def test_lossless_rgb_levels_are_exact_area_averages(tmp_path):
+    h, w = 517, 389
+    img = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = tmp_path / "exact.tif"
+    write_pyramid(path, w, h, tile_reader(img), tile=64, compression="deflate", min_level_size=20)
+    ideal = img
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == len(pyramid_sizes(w, h, 20)) == 6
+        for k, page in enumerate(tif.pages):
+            assert np.array_equal(page.asarray(), ideal), f"level {k}"
+            ideal = reference_reduce(ideal, "mean")
+
+
+@pytest.mark.parametrize("compression", ["deflate", "lzw"])
+def test_label_mask_stays_binary_and_exact_at_every_level(tmp_path, compression):
+    h, w = 611, 777
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = np.zeros((h, w), np.uint8)
+    mask[((xx - 300) ** 2 + (yy - 260) ** 2) < 150 ** 2] = 255
+    mask[(xx % 7 == 0) & (yy > 500)] = 255  # thin lines: ties and 1-pixel structures
+    mask[3, 5] = 255
+    path = tmp_path / "mask.tif"
+    write_pyramid(path, w, h, tile_reader(mask), channels=1, tile=128, compression=compression,
+                  downsample="majority", mpp=0.25, min_level_size=60)
+    slide = openslide.OpenSlide(path)
+    ideal = mask
+    for k in range(slide.level_count):
+        got = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]))
+        assert np.array_equal(got[..., 0], ideal), f"level {k}"
+        assert set(np.unique(got[..., 0])) <= {0, 255}
+        assert np.array_equal(tifffile.imread(path, key=k), ideal)
+        ideal = reference_reduce(ideal, "majority")
+
+
+def test_memory_is_bounded_by_a_band_not_the_image(tmp_path):
+    """A 16384 x 4096 image (64 MB): the writer's peak allocations stay near one band of tiles per level."""
+    w, h, tile = 16384, 4096, 256
+    pattern = (np.add.outer(np.arange(tile), np.arange(tile)) % 251).astype(np.uint8)
+
+    def read_tile(x, y, tw, th):
+        return pattern[:th, :tw]
+
+    tracemalloc.start()
+    try:
+        write_pyramid(tmp_path / "big.tif", w, h, read_tile, channels=1, tile=tile, compression="deflate")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    band_bytes = tile * w  # one band of tiles of level 0
+    assert peak < 2 * band_bytes + 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert peak < w * h / 8
+    assert openslide.OpenSlide(tmp_path / "big.tif").level_dimensions[0] == (w, h)
+
+
+def test_a_failure_mid_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
+    img = smooth_rgb(512, 512)
+    path = tmp_path / "slide.tif"
+    path.write_bytes(b"previous complete file")
+    calls = []
+
+    def read_tile(x, y, w, h):
+        calls.append((x, y))
+        if len(calls) == 7:
+            raise RuntimeError("simulated crash while rendering")
+        return img[y:y + h, x:x + w]
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_pyramid(path, 512, 512, read_tile, tile=128, min_level_size=64)
+    assert path.read_bytes() == b"previous complete file"
+    assert sorted(os.listdir(tmp_path)) == ["slide.tif"]  # no .partial or .spool left behind
+
+
+class _DiskFullAfter(io.FileIO):
+    """A file that accepts `budget` bytes and then fails like a full disk."""
+
+    def __init__(self, path, budget):
+        super().__init__(path, "w")
+        self.budget = budget
+
+    def write(self, data):
+        if self.budget < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.budget -= len(data)
+        return super().write(data)
+
+
+def test_full_disk_raises_slide_error_naming_the_file_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(pyramid_tiff, "_open_output",
+                        lambda p: io.BufferedWriter(_DiskFullAfter(p, 20_000), buffer_size=4096))
+    img = smooth_rgb(512, 512)
+    path = tmp_path / "full.svs"
+    with pytest.raises(SlideError, match=r"disk full while writing .*full\.svs"):
+        write_pyramid(path, 512, 512, tile_reader(img), tile=128, aperio=True, mpp=0.25, min_level_size=64)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bigtiff_is_readable(tmp_path):
+    img = smooth_rgb(300, 400)
+    path = tmp_path / "big.svs"
+    write_pyramid(path, 400, 300, tile_reader(img), tile=128, aperio=True, mpp=0.25, app_mag=40, bigtiff=True,
+                  min_level_size=100)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff
+    slide = openslide.OpenSlide(path)
+    assert slide.level_dimensions == ((400, 300), (200, 150), (100, 75))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tile=100), "multiple of 16"),
+    (dict(channels=4), "channels=4"),
+    (dict(compression="webp"), "compression 'webp'"),
+    (dict(downsample="majority"), "lossless"),
+    (dict(downsample="median", compression="deflate"), "downsample 'median'"),
+    (dict(quality=0), "quality=0"),
+    (dict(mpp=-1.0), "mpp=-1.0"),
+    (dict(app_mag=0.0), "app_mag=0.0"),
+])
+def test_bad_arguments_raise_config_error(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        write_pyramid(tmp_path / "x.tif", 64, 64, lambda x, y, w, h: np.zeros((h, w, 3), np.uint8), **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_tile_from_the_callback_names_the_tile(tmp_path):
+    with pytest.raises(ConfigError, match=r"read_tile\(0, 0, 64, 64\) returned float64 \(64, 64, 3\)"):
+        write_pyramid(tmp_path / "x.tif", 64, 64, lambda x, y, w, h: np.zeros((h, w, 3)), tile=64)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_directory_raises_slide_error(tmp_path):
+    with pytest.raises(SlideError, match="does not exist"):
+        write_pyramid(tmp_path / "nowhere" / "x.tif", 64, 64,
+                      lambda x, y, w, h: np.zeros((h, w, 3), np.uint8))
