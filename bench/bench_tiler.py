@@ -7,6 +7,12 @@ tuned for speed (integer, in place); checks the outputs agree before timing anyt
 
     python bench/bench_tiler.py                      # 512 x 512 tiles, writes bench/results/tiler_cpu.json
     python bench/bench_tiler.py --tile 256 --repeats 50 --out -
+    python bench/bench_tiler.py --read                # reading from a JPEG SVS: bench/results/tiler_read.json
+
+`--read` writes a 4096 x 4096 JPEG SVS (3 levels, like tests/slide_fixtures.py) to a temporary folder and
+times reading its 64 level-0 tiles of 512 x 512: `Slide.read_into` (libopenslide into a uint32 buffer,
+then the Cython loop) against openslide-python's `read_region` (PIL RGBA) composited on white by NumPy,
+with 1 and 2 reader threads sharing one handle or holding one each.
 """
 from __future__ import annotations
 
@@ -97,20 +103,31 @@ def _has_avx2() -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512, the paper's)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tile", type=int, default=512,
+                        help="tile side in pixels (default 512, the paper's)")
     parser.add_argument("--repeats", type=int, default=31, help="timed samples per case (median reported)")
     parser.add_argument("--threshold", type=int, default=220)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "tiler_cpu.json"),
-                        help="JSON path, or - for stdout only")
+    parser.add_argument("--read", action="store_true", help="benchmark reading tiles from an SVS instead")
+    parser.add_argument("--out", default=None,
+                        help="JSON path, or - for stdout only (default bench/results/tiler_cpu.json, or "
+                             "tiler_read.json with --read)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / ("tiler_read.json" if args.read else "tiler_cpu.json"))
+    if args.read:
+        record = bench_read(args)
+        record.update(_context(argv))
+        return _write(record, args.out)
 
     refs = _load_references()
     rng = np.random.default_rng(0)
     n = args.tile
     # realistic content: mostly opaque tissue-like colours, a band of glass and a transparent corner
     argb = refs.random_argb(rng, n, n, alpha="opaque")
-    argb[: n // 4] = refs.pack_argb(np.full((n // 4, n, 3), 235, np.uint8), np.full((n // 4, n), 255, np.uint8))
+    argb[: n // 4] = refs.pack_argb(np.full((n // 4, n, 3), 235, np.uint8),
+                                    np.full((n // 4, n), 255, np.uint8))
     argb[-n // 8:, -n // 8:] = 0
     rgba = np.ascontiguousarray(argb.view(np.uint8).reshape(n, n, 4)[..., [2, 1, 0, 3]])
     rgb = rgba[..., :3].copy()
@@ -155,28 +172,113 @@ def main(argv: list[str] | None = None) -> dict:
 
     record = {
         "benchmark": "tiler: tile -> RGB on white + background count -> NHWC batch slot, one thread",
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "avx2": _has_avx2(),
-                    "platform": platform.platform(), "note": "shared machine: other jobs may run on its cores"},
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "fastgicn": fastgicn.__version__,
-                     "cython": _version("Cython"), "compiler": platform.python_compiler()},
+        **_context(argv),
         "dtype": {"argb": "uint32 (h, w) premultiplied", "rgba": "uint8 (h, w, 4)", "rgb": "uint8 (h, w, 3)",
                   "output": "uint8 (h, w, 3)"},
         "shape": [n, n],
         "threshold": args.threshold,
         "repeats": args.repeats,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
         "targets": {"speedup_vs_numpy": 10.0, "output_GBps_per_core": 1.0},
     }
+    return _write(record, args.out)
+
+
+def _context(argv: list[str] | None) -> dict:
+    import sysconfig
+
+    return {
+        "command": " ".join(["python", os.path.relpath(__file__, ROOT)]
+                            + (argv if argv is not None else sys.argv[1:])),
+        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "avx2": _has_avx2(),
+                    "platform": platform.platform(),
+                    "load_average_1min": round(os.getloadavg()[0], 2),
+                    "note": "shared machine: other engineers' jobs may run on the same 2 cores"},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                     "fastgicn": fastgicn.__version__,
+                     "cython": _version("Cython"), "openslide_python": _version("openslide-python"),
+                     "openslide_bin": _version("openslide-bin"), "cc": sysconfig.get_config_var("CC")},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _write(record: dict, out: str) -> dict:
     text = json.dumps(record, indent=2)
-    if args.out == "-":
+    if out == "-":
         print(text)
     else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        print(f"wrote {out}")
     return record
+
+
+def bench_read(args) -> dict:
+    import tempfile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openslide
+
+    from fastgicn.slide import open_slide
+
+    spec = importlib.util.spec_from_file_location("_slide_fixtures", ROOT / "tests" / "slide_fixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    n, side = args.tile, 4096
+    positions = [(x, y) for y in range(0, side, n) for x in range(0, side, n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.svs"
+        fixtures.write_pyramid(path, fixtures.he_like(side, side), levels=3, svs=True, jpeg=True)
+
+        def passes(fn, repeats=5):
+            fn()
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t0)
+            return statistics.median(samples)
+
+        ref = openslide.OpenSlide(path)
+
+        def openslide_python():
+            for x, y in positions:
+                rgba = np.asarray(ref.read_region((x, y), 0, (n, n)))
+                a = rgba[..., 3:].astype(np.float32) / 255.0
+                np.rint(rgba[..., :3] * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+        per_s = round(len(positions) / passes(openslide_python), 1)
+        results = {"openslide_python_numpy_1_thread_tiles_per_s": per_s}
+        ref.close()
+        for handles in ("shared", "per_thread"):
+            with open_slide(path, handles=handles) as slide:
+                for threads in (1, 2):
+                    # one pool per case, kept across passes: per_thread handles are opened once per thread
+                    with ThreadPoolExecutor(threads) as pool:
+                        def read_all(slide=slide, threads=threads, pool=pool):
+                            cursor = iter(range(len(positions)))
+                            lock = threading.Lock()
+
+                            def work():
+                                buf = np.empty((n, n, 3), np.uint8)
+                                while True:
+                                    with lock:
+                                        i = next(cursor, None)
+                                    if i is None:
+                                        return
+                                    slide.read_into(buf, positions[i][0], positions[i][1], 0, args.threshold)
+
+                            for f in [pool.submit(work) for _ in range(threads)]:
+                                f.result()
+
+                        key = f"read_into_{handles}_{threads}_thread{'s' if threads > 1 else ''}_tiles_per_s"
+                        results[key] = round(len(positions) / passes(read_all), 1)
+    for k, v in results.items():
+        print(f"{k:50s} {v:8.1f}")
+    return {"benchmark": f"read {len(positions)} level-0 tiles of {n} x {n} from a {side} x {side} JPEG SVS "
+                         "(256 x 256 JPEG tiles, quality 92), median of 5 passes",
+            "results": results}
 
 
 def _version(name: str) -> str | None:

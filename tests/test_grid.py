@@ -132,14 +132,15 @@ def test_white_threshold_is_taken_from_the_config():
     img = np.full((T, 2 * T, 3), 200, np.uint8)
     img[:, T:] = 255
     slide = open_slide(img)
-    assert len(tissue_tiles(slide, TileConfig(tile_size=T, min_tissue_fraction=0, tissue_prefilter=False))) == 1
+    paper = TileConfig(tile_size=T, min_tissue_fraction=0, tissue_prefilter=False)
+    assert len(tissue_tiles(slide, paper)) == 1
     assert len(tissue_tiles(slide, TileConfig(tile_size=T, min_tissue_fraction=0, tissue_prefilter=False,
                                               white_threshold=199))) == 0
 
 
 def test_prefilter_skips_glass_and_keeps_tissue():
     img = he_like(700, 1000, seed=3)
-    img[650, 950] = (20, 20, 20)           # a speck of dust: the paper's rule keeps its tile, the prefilter not
+    img[650, 950] = (20, 20, 20)   # a speck of dust: the paper's rule keeps its tile, the prefilter does not
     slide = open_slide(img, mpp=0.25)
     paper = tissue_tiles(slide, TileConfig(tile_size=64, min_tissue_fraction=0, tissue_prefilter=False))
     pre = tissue_tiles(slide, TileConfig(tile_size=64, min_tissue_fraction=0, tissue_prefilter=True))
@@ -161,7 +162,8 @@ def test_prefilter_skips_glass_and_keeps_tissue():
 def test_tiles_touching_mask_uses_level0_geometry():
     m = np.zeros((10, 10), bool)
     m[4, 6] = True                                     # covers level-0 [32, 40) x [48, 56) at downsample 8
-    grid = np.array([[48, 32, 8, 8], [40, 32, 8, 8], [56, 32, 8, 8], [0, 0, 32, 32], [47, 39, 2, 2]], np.int64)
+    grid = np.array([[48, 32, 8, 8], [40, 32, 8, 8], [56, 32, 8, 8], [0, 0, 32, 32], [47, 39, 2, 2]],
+                    np.int64)
     np.testing.assert_array_equal(tiles_touching_mask(grid, TissueMask(m, 8), margin=0),
                                   [True, False, False, False, True])
     np.testing.assert_array_equal(tiles_touching_mask(grid, TissueMask(m, 8), margin=1),

@@ -66,6 +66,13 @@ def test_openslide_reads_match_written_levels(files, name):
                                               err_msg=f"{name} level {level} region {(x, y, w, h)}")
 
 
+def test_mpp_argument_overrides_the_file(files):
+    with open_slide(files["dir"] / "aperio.svs", mpp=0.5) as slide:
+        assert slide.mpp == 0.5 and slide.level_for(1.0) == 1
+    with open_slide(files["dir"] / "generic.tif") as slide:
+        assert slide.mpp_xy == pytest.approx((0.25, 0.25)) and slide.level_mpp(1) == pytest.approx(0.5)
+
+
 def test_agrees_with_openslide_python(files):
     # openslide-python un-premultiplies to RGBA through PIL: an independent path to the same pixels
     path = files["dir"] / "aperio.svs"
@@ -115,7 +122,8 @@ def test_read_into_counts_background_and_fills_batch_slot(files):
 def test_level_selection_by_mpp_and_magnification(files):
     with open_slide(files["dir"] / "aperio.svs") as svs, open_slide(files["dir"] / "generic.tif") as gen:
         for slide in (svs, gen):
-            assert [slide.level_for(m) for m in (0.25, 0.5, 1.0, 0.27, 0.23, 0.55, 1.1)] == [0, 1, 2, 0, 0, 1, 2]
+            got = [slide.level_for(m) for m in (0.25, 0.5, 1.0, 0.27, 0.23, 0.55, 1.1)]
+            assert got == [0, 1, 2, 0, 0, 1, 2]
             assert slide.level_mpp(2) == pytest.approx(1.0)
             with pytest.raises(ConfigError, match="between the pyramid's levels"):
                 slide.level_for(0.7)
@@ -176,7 +184,8 @@ def test_array_slides(files):
     bgr = np.ascontiguousarray(level0[..., ::-1])
     view = bgr[..., ::-1]
     with open_slide(view) as slide:
-        np.testing.assert_array_equal(slide.read_region(37, 11, 0, 300, 190), padded(level0, 37, 11, 300, 190))
+        np.testing.assert_array_equal(slide.read_region(37, 11, 0, 300, 190),
+                                      padded(level0, 37, 11, 300, 190))
         assert slide.mpp is None
     for bad in [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8),
                 np.zeros((0, 4, 3), np.uint8)]:
@@ -208,12 +217,15 @@ def test_plain_images(files, tmp_path):
         assert slide.vendor == "jpeg" and slide.mpp == 0.5
         assert np.abs(slide.read_region(0, 0, 0, W0, H0).astype(int) - level0).mean() < 2
     # a stripped (untiled) TIFF is not for OpenSlide: tifffile, memory-mapped when uncompressed
-    tifffile.imwrite(tmp_path / "plain.tif", level0, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "plain.tif", level0, resolution=(1e4 / 0.5, 1e4 / 0.5),
+                     resolutionunit="CENTIMETER")
     with open_slide(tmp_path / "plain.tif") as slide:
         assert slide.vendor == "tiff" and isinstance(slide._rgb, np.memmap)
         assert slide.mpp == pytest.approx(0.5)
-        np.testing.assert_array_equal(slide.read_region(900, 600, 0, 256, 256), padded(level0, 900, 600, 256, 256))
-    tifffile.imwrite(tmp_path / "plainz.tif", level0, compression="zlib", resolution=(72, 72), resolutionunit="INCH")
+        np.testing.assert_array_equal(slide.read_region(900, 600, 0, 256, 256),
+                                      padded(level0, 900, 600, 256, 256))
+    tifffile.imwrite(tmp_path / "plainz.tif", level0, compression="zlib", resolution=(72, 72),
+                     resolutionunit="INCH")
     with open_slide(tmp_path / "plainz.tif") as slide:
         assert slide.mpp is None   # 72 dpi is a placeholder, not a microscope's resolution
         np.testing.assert_array_equal(slide.read_region(0, 0, 0, W0, H0), level0)
@@ -246,7 +258,8 @@ def test_corrupt_tile_data_raises_slide_error_on_read(files, tmp_path):
     data[offset:offset + count] = b"\x17" * count        # garbage where tile (0, 0) of level 0 was
     path.write_bytes(bytes(data))
     with open_slide(path) as slide:
-        np.testing.assert_array_equal(slide.read_region(512, 512, 0, 64, 64), padded(files["level0"], 512, 512, 64, 64))
+        np.testing.assert_array_equal(slide.read_region(512, 512, 0, 64, 64),
+                                      padded(files["level0"], 512, 512, 64, 64))
         with pytest.raises(SlideError, match=r"bad_tile\.svs.*reading 64x64 at level 0 from \(0, 0\)"):
             slide.read_region(0, 0, 0, 64, 64)
 

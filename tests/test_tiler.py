@@ -180,7 +180,8 @@ def test_output_into_batch_sub_rectangle():
 
 
 @pytest.mark.parametrize("kind", ["argb", "rgba", "rgb"])
-@pytest.mark.parametrize("placement", [(0, 0, 16, 16), (0, 0, 10, 16), (3, 5, 9, 7), (0, 0, 0, 16), (16, 16, 0, 0)])
+@pytest.mark.parametrize("placement", [(0, 0, 16, 16), (0, 0, 10, 16), (3, 5, 9, 7), (0, 0, 0, 16),
+                                       (16, 16, 0, 0)])
 def test_to_slot_pads_white_and_counts_padding(kind, placement):
     y0, x0, h, w = placement
     rng = np.random.default_rng(4)

@@ -89,7 +89,8 @@ def test_tissue_mask_of_a_pyramid_reads_only_a_low_level(tmp_path, monkeypatch):
     with open_slide(tmp_path / "s.tif") as slide:
         levels = []
         original = slide._read
-        monkeypatch.setattr(slide, "_read", lambda out, x, y, lv, t: levels.append(lv) or original(out, x, y, lv, t))
+        monkeypatch.setattr(slide, "_read",
+                            lambda out, x, y, lv, t: levels.append(lv) or original(out, x, y, lv, t))
         tm = tissue_mask(slide, max_side=256)
         assert tm.downsample == 4 and tm.mask.shape == (175, 250)
         assert set(levels) == {2}

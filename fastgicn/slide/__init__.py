@@ -1,6 +1,7 @@
 """Slide reading, tissue mask, tile grid, batch queue, stitching and output writers (pyramidal TIFF)."""
 from ..config import TileConfig
-from .grid import grid_shape, keep_tile, read_level_for, tile_background, tile_grid, tiles_touching_mask, tissue_tiles
+from .grid import (grid_shape, keep_tile, read_level_for, tile_background, tile_grid, tiles_touching_mask,
+                   tissue_tiles)
 from .reader import ImageSlide, OpenSlideSlide, Slide, open_slide
 from .tissue import TissueMask, mask_from_rgb, otsu_threshold, tissue_mask
 

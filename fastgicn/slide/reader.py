@@ -127,7 +127,8 @@ class Slide:
                 what = f"{magnification:g}x (the slide is scanned at {self.objective_power:g}x)"
             elif self.mpp is not None:
                 wanted = (MAGNIFICATION_MPP_40X * 40.0 / magnification) / self.mpp
-                what = (f"{magnification:g}x (taken as {MAGNIFICATION_MPP_40X * 40.0 / magnification:g} um/px; "
+                as_mpp = MAGNIFICATION_MPP_40X * 40.0 / magnification
+                what = (f"{magnification:g}x (taken as {as_mpp:g} um/px; "
                         "the slide records no objective power)")
             else:
                 raise ConfigError(f"{self.name}: the slide records neither objective power nor MPP, so "
@@ -184,6 +185,9 @@ class Slide:
         if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3:
             raise ConfigError(f"out must be a uint8 (h, w, 3) array, got "
                               f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+        if (out.shape[1] > 1 and out.strides[1] != 3) or out.strides[2] != 1 or not out.flags.writeable:
+            raise ConfigError(f"out (strides {out.strides}) must be writeable with packed pixels and channels "
+                              "(strides (any, 3, 1)), e.g. batch[i] or batch[i, y0:y1, x0:x1]")
         l0_x, l0_y = _check_int(l0_x, "l0_x"), _check_int(l0_y, "l0_y")
         if out.shape[0] == 0 or out.shape[1] == 0:
             return 0
@@ -232,7 +236,8 @@ class Slide:
         from PIL import Image
         lw, lh = int(math.ceil(nw * rest)), int(math.ceil(nh * rest))
         region = self.read_region(0, 0, level, lw, lh)
-        return np.asarray(Image.fromarray(region).resize((nw, nh), Image.BOX, box=(0, 0, nw * rest, nh * rest)))
+        small = Image.fromarray(region).resize((nw, nh), Image.BOX, box=(0, 0, nw * rest, nh * rest))
+        return np.asarray(small)
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """A small RGB image of the whole slide, at most `max_side` pixels on its longer side, read from
@@ -299,8 +304,8 @@ class Slide:
 
     def __repr__(self) -> str:
         mpp = f", mpp={self.mpp:.4g}" if self.mpp else ""
-        return (f"{type(self).__name__}({self.name!r}, {self.vendor}, {self.dimensions[0]}x{self.dimensions[1]}, "
-                f"levels={self.level_count}{mpp})")
+        w, h = self.dimensions
+        return f"{type(self).__name__}({self.name!r}, {self.vendor}, {w}x{h}, levels={self.level_count}{mpp})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,7 +371,8 @@ class OpenSlideSlide(Slide):
             return self._handle
         osr = getattr(self._local, "osr", None)
         if osr is None:
-            osr = self._handle if threading.current_thread() is threading.main_thread() else self._open_handle()
+            main = threading.current_thread() is threading.main_thread()
+            osr = self._handle if main else self._open_handle()
             self._local.osr = osr
         return osr
 
@@ -502,7 +508,8 @@ def open_slide(path_or_array, mpp: float | None = None, *, handles: str = "share
         return slide
     if head[:4] in _TIFF_MAGIC:
         return _open_tiff(path, mpp)
-    if Path(path).suffix.lower() in _PIL_SUFFIXES or head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff":
+    if (Path(path).suffix.lower() in _PIL_SUFFIXES or head[:8] == b"\x89PNG\r\n\x1a\n"
+            or head[:3] == b"\xff\xd8\xff"):
         return _open_pil(path, mpp)
     raise SlideError(f"{path}: not a format fastgicn reads (OpenSlide does not recognise it and it is not a "
                      "TIFF, PNG or JPEG image); convert it to a pyramidal tiled TIFF or SVS")
@@ -592,8 +599,8 @@ def _check_tiff_extents(path: str) -> None:
                              "truncated or corrupt: copy it again from the scanner")
     for i, end, _ in extents:
         if end > size:
-            raise SlideError(f"{path}: truncated: image data of TIFF page {i} ends at byte {end} but the file "
-                             f"has {size} bytes; copy it again from the scanner")
+            raise SlideError(f"{path}: truncated: image data of TIFF page {i} ends at byte {end} but the "
+                             f"file has {size} bytes; copy it again from the scanner")
 
 
 def _open_tiff(path: str, mpp: float | None) -> ImageSlide:
@@ -618,9 +625,9 @@ def _open_tiff(path: str, mpp: float | None) -> ImageSlide:
             if page.is_memmappable and dtype == np.uint8 and len(shape) == 3 and shape[2] == 3:
                 mapped = tifffile.memmap(path, page=0, mode="r")
             elif n_pixels > MAX_PLAIN_IMAGE_PIXELS:
-                raise SlideError(f"{path}: a {shape[1]} x {shape[0]} single-level compressed TIFF is too large "
-                                 "to load; convert it to a pyramidal tiled TIFF (e.g. vips tiffsave --tile "
-                                 "--pyramid) so OpenSlide can read it in tiles")
+                raise SlideError(f"{path}: a {shape[1]} x {shape[0]} single-level compressed TIFF is too "
+                                 "large to load; convert it to a pyramidal tiled TIFF (e.g. vips tiffsave "
+                                 "--tile --pyramid) so OpenSlide can read it in tiles")
             pixels = mapped if mapped is not None else page.asarray()
     except SlideError:
         raise

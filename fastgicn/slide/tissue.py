@@ -63,7 +63,8 @@ def mask_downsample(dimensions: tuple[int, int], max_side: int = 2048) -> int:
 
 
 def mask_from_rgb(rgb: np.ndarray, downsample: int = 1, *, min_chroma: int = 8, max_chroma: int = 25,
-                  max_dark: int = 200, min_object_l0: int = 64 * 64, max_hole_l0: int = 2048 * 2048) -> np.ndarray:
+                  max_dark: int = 200, min_object_l0: int = 64 * 64,
+                  max_hole_l0: int = 2048 * 2048) -> np.ndarray:
     """The tissue mask of a low-resolution RGB image whose pixels are `downsample` level-0 pixels wide
     (sizes in level-0 pixels are converted with it). See the module docstring for the steps."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
