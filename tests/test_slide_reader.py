@@ -105,6 +105,9 @@ def test_read_into_counts_background_and_fills_batch_slot(files):
             np.testing.assert_array_equal(batch[slot], ref)
             assert n == int(np.all(ref > 220, axis=-1).sum())
         assert n == 256 * 256   # entirely outside the slide: all padding
+        # a region larger than the per-thread scratch buffer kept between reads (4 Mpx)
+        np.testing.assert_array_equal(slide.read_region(-50, -60, 0, 2100, 2050),
+                                      padded(files["level0"], -50, -60, 2100, 2050))
         # a sub-rectangle of a slot: out= takes any view with packed pixels
         out = slide.read_region(10, 20, 1, 100, 50, out=batch[0, 3:53, 7:107])
         assert out.base is not None

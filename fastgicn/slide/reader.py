@@ -24,7 +24,8 @@ fails: `SlideError` naming the file, the reason and what to do. Bad arguments: `
 Thread safety: `read_region`, `read_into` and every property may be called from many threads at once.
 OpenSlide is thread-safe on one handle; by default threads share it (`handles="shared"`), and
 `handles="per_thread"` gives each thread its own handle (its own tile cache and TIFF state, no
-contention on the handle's locks) at the cost of one open per thread. `close()` waits for reads in
+contention on the handle's locks) at the cost of one open per thread; use it with a pool of long-lived
+threads, since a handle stays open until `close()` even after its thread ends. `close()` waits for reads in
 flight, then releases every handle; a read after `close()` raises `SlideError`.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ MAX_PLAIN_IMAGE_PIXELS = 1 << 30
 # read_level refuses levels larger than this unless told otherwise (it returns one array).
 MAX_LEVEL_PIXELS = 1 << 28
 
+_SCRATCH_KEEP = 1 << 22
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -377,6 +379,9 @@ class OpenSlideSlide(Slide):
         return osr
 
     def _scratch(self, n: int) -> np.ndarray:
+        """A per-thread ARGB buffer, kept for tile-sized reads (up to 4 Mpx) and fresh for larger ones."""
+        if n > _SCRATCH_KEEP:
+            return np.empty(n, np.uint32)
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.size < n:
             buf = np.empty(max(n, 1 << 18), np.uint32)
