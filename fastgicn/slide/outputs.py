@@ -118,7 +118,7 @@ class PyramidBandWriter:
         self._band: np.ndarray | None = None
         self._band_top = 0
         self._band_fill = 0
-        self.seconds = 0.0  # time the writer thread spent encoding and writing (not waiting)
+        self.seconds = 0.0  # time the writer thread spent encoding and writing (not waiting for rows)
         self._closed = False
         kwargs = dict(channels=1, tile=self.tile, compression=compression, downsample=downsample, mpp=mpp,
                       description=description)
@@ -130,10 +130,11 @@ class PyramidBandWriter:
     def _run(self, write_pyramid, kwargs) -> None:
         import time
 
-        current = {"top": -1, "band": None}
+        current = {"top": -1, "band": None, "waited": 0.0}
 
         def read_tile(x, y, w, h):
             if y != current["top"]:
+                w0 = time.perf_counter()
                 while True:
                     if self._abort.is_set():
                         raise _Aborted()
@@ -142,6 +143,7 @@ class PyramidBandWriter:
                         break
                     except queue.Empty:
                         continue
+                current["waited"] += time.perf_counter() - w0
                 if top != y:
                     raise RuntimeError(f"writer expected the band at row {y}, got {top}")
                 current["top"], current["band"] = top, band
@@ -155,7 +157,7 @@ class PyramidBandWriter:
         except BaseException as exc:  # handed to the main thread by write_rows / close
             self._error = exc
         finally:
-            self.seconds = time.perf_counter() - t0
+            self.seconds = time.perf_counter() - t0 - current["waited"]
 
     # main thread -------------------------------------------------------------------------------------
     def _put(self, item) -> None:

@@ -1,0 +1,588 @@
+"""The whole-slide flow: slide file -> tumour probability and mask, polygons, overlay and report.
+
+`segment_slide(slide, out_dir, model, config, device)`:
+
+1. open the slide (`open_slide`), pick the read level (`config.level` / `config.target_mpp`);
+2. tissue mask at low resolution and candidate tiles (`tissue_tiles(..., read=False)`: the grid, prefiltered by
+   the mask when `config.tissue_prefilter`);
+3. reader threads fill a bounded ring of batches (`BatchRing`), rejecting glass tiles as they read them;
+4. each batch goes to the device (pinned memory and a separate copy stream with CUDA), is normalised there
+   (`to_model_input`), runs through the model, and the tumour probability (softmax, class 1) comes back as uint8;
+5. the stitcher crops or blends the overlaps and hands over finished rows, which stream into the pyramidal
+   TIFFs (probability, and the label mask: 255 where p(tumour) >= 0.5, the argmax of two classes), a reduced
+   copy for polygons and the overlay, the tumour pixel count and the Dice against `truth`;
+6. GeoJSON polygons, the overlay PNG and the JSON report (written last: it marks the outputs complete).
+
+Every output is written under a temporary name and renamed. `segment_slides(paths, ...)` runs many slides: a
+slide whose report says it is complete for the same model, config and slide file is skipped, a bad slide is
+reported and skipped, and a run killed midway resumes with the first incomplete slide.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TileConfig
+from ..errors import BackendUnavailable, ConfigError, FastGicnError, SlideError
+from .batches import BatchRing
+from .outputs import (LowRes, PyramidBandWriter, geojson_features, lowres_factor, mask_to_polygons,
+                      remove_partials, write_geojson, write_json, write_overlay_png)
+from .stitch import Stitcher
+
+REPORT_FORMAT = "fastgicn-segment-report-1"
+OUTPUT_SUFFIXES = {
+    "probability": ".tumour_probability.tif",
+    "mask": ".tumour_mask.tif",
+    "geojson": ".tumour.geojson",
+    "overlay": ".overlay.png",
+    "report": ".report.json",
+}
+TUMOUR_CLASS = 1  # index of the tumour class in the model's logits
+
+
+def output_paths(out_dir, stem: str) -> dict[str, Path]:
+    """Where the outputs of a slide named `stem` go (the report last, as the mark of completion)."""
+    out_dir = Path(out_dir)
+    return {k: out_dir / f"{stem}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def slide_stem(slide) -> str:
+    return Path(slide).name.rsplit(".", 1)[0] if not isinstance(slide, np.ndarray) else "array"
+
+
+# ---------------------------------------------------------------------------------------------------
+# progress
+
+class Progress:
+    """A one-line progress bar on stderr: tiles done, tiles/s, ETA. Redrawn in place on a terminal, printed
+    every `interval` seconds as plain lines otherwise; `enabled=False` is silent."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None, stream=None, interval: float = 10.0):
+        self.stream = stream or sys.stderr
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = tty if enabled is None else enabled
+        self.tty = tty
+        self.total, self.label, self.done = total, label, 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+        self.interval = 0.2 if tty else interval
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        width = 24
+        fill = int(width * pct / 100)
+        eta_s = "--:--" if eta != eta else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
+        return (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} tiles "
+                f"{pct:5.1f}% {rate:6.1f} tiles/s ETA {eta_s}")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.stream.write(("\r" + self.line()) if self.tty else self.line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write(("\r" if self.tty else "") + self.line() + "\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dice against a truth mask, streamed with the rows
+
+class _TruthDice:
+    """Counts |pred & truth|, |pred|, |truth| over the stitched rows; truth read from a mask slide at the
+    output level (0 normal, > 127 tumour, aligned with the slide's level 0)."""
+
+    CHUNK = 8192
+
+    def __init__(self, truth, slide, downsample: float, width: int):
+        from .reader import open_slide
+
+        self.path = truth if not isinstance(truth, np.ndarray) else "array"
+        if isinstance(truth, np.ndarray) and truth.ndim == 2:
+            truth = np.repeat(truth[:, :, None], 3, axis=2)
+        self.reader = open_slide(truth)
+        if tuple(self.reader.dimensions) != tuple(slide.dimensions):
+            self.reader.close()
+            raise ConfigError(f"truth mask {self.path} is {self.reader.dimensions[0]}x{self.reader.dimensions[1]} "
+                              f"but the slide is {slide.dimensions[0]}x{slide.dimensions[1]}: the mask must be "
+                              "aligned with the slide's level 0")
+        levels = [i for i, d in enumerate(self.reader.level_downsamples) if abs(d / downsample - 1) < 0.01]
+        if not levels:
+            self.reader.close()
+            raise ConfigError(f"truth mask {self.path} has no level at downsample {downsample:g} (it has "
+                              f"{[round(d, 3) for d in self.reader.level_downsamples]}); write the mask as a "
+                              "pyramid with the slide's levels, or segment at level 0")
+        self.level, self.downsample, self.width = levels[0], self.reader.level_downsamples[levels[0]], width
+        self.inter = self.pred = self.truth = 0
+
+    def add(self, y0: int, label: np.ndarray) -> None:
+        n = len(label)
+        for x in range(0, self.width, self.CHUNK):
+            w = min(self.CHUNK, self.width - x)
+            t = self.reader.read_region(int(round(x * self.downsample)), int(round(y0 * self.downsample)),
+                                        self.level, w, n)[..., 0] > 127
+            p = label[:, x:x + w]
+            self.inter += int(np.count_nonzero(p & t))
+            self.pred += int(np.count_nonzero(p))
+            self.truth += int(np.count_nonzero(t))
+
+    def result(self) -> dict:
+        total = self.pred + self.truth
+        return {"dice": 1.0 if total == 0 else 2.0 * self.inter / total, "truth": str(self.path),
+                "intersection_pixels": self.inter, "predicted_pixels": self.pred, "truth_pixels": self.truth,
+                "level": self.level}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model side
+
+def resolve_device(device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); "
+                                 "use --device cpu or run on a machine with an NVIDIA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: use 'cpu' or 'cuda'")
+    return dev
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model's name, kwargs, normalisation and weights (what makes two runs' outputs equal)."""
+    h = hashlib.sha256()
+    meta = {"model_name": getattr(model, "model_name", type(model).__name__),
+            "model_kwargs": getattr(model, "model_kwargs", {}),
+            "mean": list(getattr(model, "mean", ())), "std": list(getattr(model, "std", ()))}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    if isinstance(module, torch.nn.Module):
+        for key, value in sorted(module.state_dict().items()):
+            t = value.detach().to("cpu")
+            t = t.float() if t.is_floating_point() else t
+            h.update(key.encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Runner:
+    """uint8 NHWC batch (host) -> uint8 tumour probability N x H x W (host), with timings.
+
+    A `torch.nn.Module` (with `.mean`/`.std`) is normalised here with `to_model_input`; any other object with a
+    `forward(uint8 batch on the device) -> logits` (an engine backend) normalises itself.
+    """
+
+    def __init__(self, model, device: torch.device, tile_size: int):
+        from ..models.preprocess import to_model_input
+
+        self.to_model_input = to_model_input
+        self.device = device
+        self.tile_size = tile_size
+        self.is_module = isinstance(model, torch.nn.Module)
+        if self.is_module:
+            model = model.to(device).eval()
+            if not hasattr(model, "mean") or not hasattr(model, "std"):
+                raise ConfigError(f"model {type(model).__name__} has no .mean/.std normalisation; build it with "
+                                  "fastgicn.models.create_model or load it with model_from_checkpoint")
+        elif not callable(getattr(model, "forward", None)):
+            raise ConfigError(f"model {type(model).__name__}: pass a torch module or an engine backend with "
+                              "forward(batch) -> logits")
+        self.model = model
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.seconds = {"normalise": 0.0, "forward": 0.0, "postprocess": 0.0}
+
+    def upload(self, batch_tensor: torch.Tensor):
+        """Start the host-to-device copy (async on its own stream with CUDA) and normalise on the device.
+        Returns (input, event): once `event` is done (or at once on CPU) the host batch may be reused."""
+        t0 = time.perf_counter()
+        event = None
+        if self.cuda:
+            main = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self.copy_stream):
+                dev = batch_tensor.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            main.wait_event(event)
+            dev.record_stream(main)
+        else:
+            dev = batch_tensor
+        if self.is_module:
+            x = self.to_model_input(dev, self.model.mean, self.model.std)
+        else:
+            x = dev.clone() if not self.cuda else dev  # the host slot is released before forward on CPU
+        self.seconds["normalise"] += time.perf_counter() - t0
+        return x, event
+
+    @torch.inference_mode()
+    def infer(self, x: torch.Tensor) -> np.ndarray:
+        t0 = time.perf_counter()
+        logits = self.model(x) if self.is_module else self.model.forward(x)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        t1 = time.perf_counter()
+        if logits.dim() != 4 or logits.shape[1] <= TUMOUR_CLASS:
+            raise ConfigError(f"the model returned logits of shape {tuple(logits.shape)}: expected N x C x H x W "
+                              "with C >= 2 classes (0 normal, 1 tumour)")
+        if tuple(logits.shape[2:]) != (self.tile_size, self.tile_size):
+            raise ConfigError(f"the model returned {tuple(logits.shape[2:])} maps for {self.tile_size}-pixel "
+                              "tiles: it must predict at the input resolution")
+        prob = torch.softmax(logits.float(), dim=1)[:, TUMOUR_CLASS]
+        out = prob.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
+        self.seconds["forward"] += t1 - t0
+        self.seconds["postprocess"] += time.perf_counter() - t1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# one slide
+
+@dataclass
+class SlideResult:
+    slide: str
+    status: str  # "done", "skipped" (complete outputs already there) or "failed"
+    outputs: dict = field(default_factory=dict)
+    report: dict | None = None
+    error: str | None = None
+
+
+def _file_identity(path) -> dict | None:
+    if isinstance(path, np.ndarray):
+        return None
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def run_fingerprint(slide, model_fp: str, config: TileConfig, stitch: str, truth=None) -> str:
+    """What decides whether existing outputs can be kept: model, config, stitch mode, slide and truth files."""
+    h = hashlib.sha256()
+    parts = {"model": model_fp, "config": config.to_dict(), "stitch": stitch, "format": REPORT_FORMAT,
+             "slide": _file_identity(slide), "truth": None if truth is None else _file_identity(truth)}
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def outputs_complete(out_dir, stem: str, fingerprint: str | None = None) -> bool:
+    """True when the report of `stem` exists, says complete, matches `fingerprint` (if given) and every
+    output it lists is present with the size it recorded."""
+    paths = output_paths(out_dir, stem)
+    try:
+        report = json.loads(paths["report"].read_text())
+    except (OSError, ValueError):
+        return False
+    if report.get("format") != REPORT_FORMAT or not report.get("complete"):
+        return False
+    if fingerprint is not None and report.get("fingerprint") != fingerprint:
+        return False
+    for name, info in report.get("outputs", {}).items():
+        p = Path(out_dir) / info["file"]
+        try:
+            if p.stat().st_size != info["bytes"]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def segment_slide(slide, out_dir, model, config: TileConfig | None = None, device="cpu", *, truth=None,
+                  stitch: str = "crop", threads: int = 2, ring: int | None = None, handles: str = "shared",
+                  mpp: float | None = None, name: str | None = None, progress: bool | None = None,
+                  summary_max_side: int = 4096, overlay_max_side: int = 2048, tiff_tile: int = 256,
+                  min_polygon_pixels: int = 0, weights=None, fingerprint: str | None = None,
+                  model_fp: str | None = None) -> SlideResult:
+    """Segment one slide (a path, or an H x W x 3 uint8 array with `name`) into `out_dir`.
+
+    `model`: a torch module from `create_model` / `model_from_checkpoint` (or an engine backend); `config`:
+    the TileConfig (default: the checkpoint's habit, 512-pixel tiles); `truth`: a ground-truth mask (file or
+    array, 0 normal / 255 tumour, aligned with level 0) for Dice in the report; `stitch`: "crop" or "blend";
+    `threads` reader threads, `ring` batch slots, `handles` "shared" or "per_thread" OpenSlide handles;
+    `summary_max_side` the longest side of the reduced mask that polygons and the overlay come from (the
+    full-resolution mask is in the TIFF). Returns a SlideResult whose `report` is what the JSON report holds.
+    Raises SlideError / ConfigError naming the file or value at fault; partial outputs are removed.
+    """
+    from .. import __version__
+    from .grid import read_level_for, tissue_tiles
+    from .reader import open_slide
+    from .tissue import tissue_mask
+
+    config = config or TileConfig()
+    if not isinstance(config, TileConfig):
+        raise ConfigError(f"config must be a TileConfig, got {type(config).__name__}")
+    if stitch not in ("crop", "blend"):
+        raise ConfigError(f"stitch={stitch!r}: use 'crop' or 'blend'")
+    device = resolve_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = name or slide_stem(slide)
+    paths = output_paths(out_dir, stem)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    # a previous run of this slide may have been killed: its temporaries and unconfirmed outputs go
+    for p in [paths["report"]] + [p for k, p in paths.items() if k != "report"]:
+        p.unlink(missing_ok=True)
+        remove_partials(out_dir, p.name)
+
+    with ExitStack() as stack:
+        t0 = time.perf_counter()
+        src = open_slide(slide, mpp=mpp, handles=handles) if not isinstance(slide, np.ndarray) else \
+            open_slide(slide, mpp=mpp)
+        stack.callback(src.close)
+        level = read_level_for(src, config)
+        ds = float(src.level_downsamples[level])
+        width, height = src.level_dimensions[level]
+        out_mpp = None if src.mpp is None else src.mpp * ds
+        timings["open"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tissue = tissue_mask(src)
+        candidates = tissue_tiles(src, config, mask=tissue, read=False)
+        tissue_l0_px = int(tissue.mask.sum()) * tissue.downsample ** 2
+        timings["tissue"] = time.perf_counter() - t0
+
+        t = config.tile_size
+        lvl_xy = np.rint(candidates[:, :2] / ds).astype(np.int64)
+        runner = _Runner(model, device, t)
+
+        # sinks of the stitched rows
+        f = lowres_factor(width, height, summary_max_side)
+        summary = LowRes(width, height, f)
+        desc = f"fastgicn {__version__} tumour probability of {Path(str(stem)).name} (uint8, 255 = p 1.0)"
+        prob_writer = PyramidBandWriter(paths["probability"], width, height, mpp=out_mpp, tile=tiff_tile,
+                                        compression="deflate", downsample="mean", description=desc)
+        stack.callback(prob_writer.abort)  # no-op once closed
+        mask_writer = PyramidBandWriter(paths["mask"], width, height, mpp=out_mpp, tile=tiff_tile,
+                                        compression="deflate", downsample="majority",
+                                        description=desc.replace("probability", "mask") + ", 255 = tumour")
+        stack.callback(mask_writer.abort)
+        dice = None
+        if truth is not None:
+            dice = _TruthDice(truth, src, ds, width)
+            stack.callback(dice.close)
+        sink_seconds = [0.0]
+
+        def sink(y0: int, rows: np.ndarray) -> None:
+            s0 = time.perf_counter()
+            label = rows >= 128
+            label_u8 = label.view(np.uint8) * np.uint8(255)
+            prob_writer.write_rows(y0, rows)
+            mask_writer.write_rows(y0, label_u8)
+            summary.add(y0, label_u8)
+            if dice is not None:
+                dice.add(y0, label)
+            sink_seconds[0] += time.perf_counter() - s0
+
+        stitcher = Stitcher(lvl_xy, width, height, t, sink, mode=stitch)
+        bar = Progress(len(candidates), stem, enabled=progress)
+        batches = BatchRing(src, candidates, level=level, tile_size=t, batch_size=config.batch_size,
+                            threads=threads, ring=ring, min_tissue_fraction=config.min_tissue_fraction,
+                            white_threshold=config.white_threshold)
+        stitch_seconds = 0.0
+        t_loop = time.perf_counter()
+        with batches:
+            pending = None
+            for batch in batches:
+                x, event = runner.upload(batch.tensor)
+                meta = (batch.indices, batch.rejected)
+                if pending is not None:
+                    stitch_seconds += _finish(runner, stitcher, *pending)
+                    bar.update(len(pending[1]) + len(pending[2]))
+                pending = (x, *meta)
+                if event is not None:
+                    event.synchronize()  # the host slot may be refilled once its copy is done
+            if pending is not None:
+                stitch_seconds += _finish(runner, stitcher, *pending)
+                bar.update(len(pending[1]) + len(pending[2]))
+        bar.close()
+        timings["segment_loop"] = time.perf_counter() - t_loop
+        t0 = time.perf_counter()
+        stitcher.close()
+        stitch_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prob_writer.close()
+        mask_writer.close()
+        timings["finish_tiffs"] = time.perf_counter() - t0
+        timings["wait_for_batches"] = batches.stats.wait_seconds
+        timings.update(runner.seconds)
+        timings["stitch"] = stitch_seconds - sink_seconds[0]
+        timings["outputs_streaming"] = sink_seconds[0]
+        timings["tiff_writer_threads"] = prob_writer.seconds + mask_writer.seconds
+        timings["read_threads"] = batches.stats.read_seconds
+
+        # polygons and overlay from the reduced mask
+        t0 = time.perf_counter()
+        low = summary.result() >= 127.5  # at least half of the block is tumour
+        polygons = mask_to_polygons(low, min_pixels=min_polygon_pixels)
+        scale = f * ds
+        collection = geojson_features(polygons, scale, clip=tuple(float(v) for v in src.dimensions),
+                                      mpp=src.mpp)
+        write_geojson(paths["geojson"], collection)
+        timings["polygons"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        k = 1
+        while max(low.shape) / k > overlay_max_side:
+            k *= 2
+        small = _block_majority(low, k)
+        thumb = src.downsampled(max(1, int(round(f * k * ds))))
+        if thumb.shape[:2] != small.shape:
+            from PIL import Image
+            thumb = np.asarray(Image.fromarray(thumb).resize((small.shape[1], small.shape[0]), Image.BOX))
+        write_overlay_png(paths["overlay"], thumb, small, max_side=overlay_max_side)
+        timings["overlay"] = time.perf_counter() - t0
+
+        tumour_px = summary.count
+        n_read = batches.stats.tiles_read
+        n_rejected = batches.stats.tiles_rejected
+        report = {
+            "format": REPORT_FORMAT,
+            "complete": True,
+            "fingerprint": fingerprint,
+            "slide": {"path": None if isinstance(slide, np.ndarray) else str(Path(slide).resolve()),
+                      "name": stem, "vendor": getattr(src, "vendor", None), "dimensions": list(src.dimensions),
+                      "level_count": src.level_count, "mpp": src.mpp},
+            "read": {"level": level, "downsample": ds, "dimensions": [width, height], "mpp": out_mpp},
+            "model": {"name": getattr(model, "model_name", type(model).__name__),
+                      "kwargs": getattr(model, "model_kwargs", {}), "weights": None if weights is None else
+                      str(weights), "fingerprint": model_fp},
+            "config": config.to_dict(),
+            "stitch": stitch,
+            "device": str(device),
+            "tiles": {"candidates": int(len(candidates)), "read": n_read, "rejected": n_rejected,
+                      "segmented": n_read - n_rejected, "threads": threads, "ring_slots": batches.n_slots,
+                      "ring_bytes": batches.stats.ring_bytes, "pinned": batches.pinned},
+            "tumour": {"pixels": tumour_px, "area_mm2": None if out_mpp is None else tumour_px * out_mpp ** 2 / 1e6,
+                       "regions": len(polygons)},
+            "tissue": {"pixels_level0": tissue_l0_px, "mask_downsample": tissue.downsample,
+                       "area_mm2": None if src.mpp is None else tissue_l0_px * src.mpp ** 2 / 1e6},
+            "dice": None if dice is None else dice.result(),
+            "memory": {"stitch_band_rows_peak": stitcher.peak_band_rows, "summary_downsample": f,
+                       "peak_rss_mb": peak_rss_mb()},
+            "seconds": None,
+            "tiles_per_second": None,
+            "started": started,
+            "versions": {"fastgicn": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "outputs": {},
+        }
+        for key in ("probability", "mask", "geojson", "overlay"):
+            report["outputs"][key] = {"file": paths[key].name, "bytes": paths[key].stat().st_size}
+        timings["total"] = time.perf_counter() - t_start
+        report["seconds"] = {k: round(v, 4) for k, v in timings.items()}
+        report["tiles_per_second"] = round(n_read / max(timings["segment_loop"], 1e-9), 2)
+        report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(paths["report"], report)
+    return SlideResult(str(slide) if not isinstance(slide, np.ndarray) else stem, "done",
+                       {k: str(p) for k, p in paths.items()}, report)
+
+
+def _finish(runner: _Runner, stitcher: Stitcher, x, indices, rejected) -> float:
+    """Run the model on one uploaded batch and stitch it; returns the seconds spent stitching."""
+    probs = runner.infer(x) if len(indices) else None
+    t0 = time.perf_counter()
+    for i in rejected:
+        stitcher.skip(int(i))
+    for j, i in enumerate(indices):
+        stitcher.add(int(i), probs[j])
+    return time.perf_counter() - t0
+
+
+def _block_majority(mask: np.ndarray, k: int) -> np.ndarray:
+    if k == 1:
+        return mask
+    h, w = mask.shape
+    H, W = -(-h // k), -(-w // k)
+    pad = np.zeros((H * k, W * k), np.float32)
+    cnt = np.zeros_like(pad)
+    pad[:h, :w] = mask
+    cnt[:h, :w] = 1
+    s = pad.reshape(H, k, W, k).sum((1, 3))
+    c = cnt.reshape(H, k, W, k).sum((1, 3))
+    return s >= 0.5 * c
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (Linux and macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# many slides
+
+def segment_slides(slides, out_dir, model, config: TileConfig | None = None, device="cpu", *, truths=None,
+                   stitch: str = "crop", force: bool = False, log=None, **kwargs) -> list[SlideResult]:
+    """Segment each of `slides` into `out_dir`, one after the other.
+
+    A slide whose outputs are complete for the same model, config, stitch mode and slide file is skipped
+    (unless `force`); a slide that fails with a fastgicn error (missing, corrupt, unreadable, bad mask) is
+    reported through `log` and skipped, and the others go on. `truths` is None or one mask (or None) per
+    slide. KeyboardInterrupt stops the run; finished slides stay finished and the next run resumes.
+    """
+    config = config or TileConfig()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    slides = list(slides)
+    truths = [None] * len(slides) if truths is None else list(truths)
+    if len(truths) != len(slides):
+        raise ConfigError(f"{len(slides)} slides but {len(truths)} truth masks: give one per slide (or none)")
+    stems = [slide_stem(s) for s in slides]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ConfigError(f"slides {dup} would write outputs under the same name in {out_dir}: segment them "
+                          "into different output directories")
+    model_fp = model_fingerprint(model)
+    results = []
+    for i, (slide, truth) in enumerate(zip(slides, truths)):
+        label = f"[{i + 1}/{len(slides)}] {slide}"
+        try:
+            fp = run_fingerprint(slide, model_fp, config, stitch, truth)
+        except OSError as exc:
+            msg = f"{slide}: cannot be read ({exc.strerror or exc}); skipped"
+            log(f"{label}: error: {msg}")
+            results.append(SlideResult(str(slide), "failed", error=msg))
+            continue
+        if not force and outputs_complete(out_dir, stems[i], fp):
+            log(f"{label}: outputs complete in {out_dir}, skipped (use --force to redo)")
+            results.append(SlideResult(str(slide), "skipped",
+                                       {k: str(p) for k, p in output_paths(out_dir, stems[i]).items()}))
+            continue
+        try:
+            res = segment_slide(slide, out_dir, model, config, device, truth=truth, stitch=stitch,
+                                fingerprint=fp, model_fp=model_fp, **kwargs)
+        except FastGicnError as exc:
+            log(f"{label}: error: {exc}; skipped")
+            results.append(SlideResult(str(slide), "failed", error=str(exc)))
+            continue
+        rep = res.report
+        extra = f", Dice {rep['dice']['dice']:.4f}" if rep.get("dice") else ""
+        area = rep["tumour"]["area_mm2"]
+        log(f"{label}: {rep['tiles']['segmented']} tiles in {rep['seconds']['total']:.1f} s "
+            f"({rep['tiles_per_second']:.1f} tiles/s), tumour "
+            f"{'%.3f mm²' % area if area is not None else '%d px' % rep['tumour']['pixels']}{extra}")
+        results.append(res)
+    return results

@@ -1,0 +1,226 @@
+"""segment_slide / segment_slides end to end on small slides: geometry, outputs, Dice, skip, resume, bad slides."""
+import io
+import json
+import os
+import threading
+
+import numpy as np
+import openslide
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgicn.config import TileConfig
+from fastgicn.errors import ConfigError
+from fastgicn.models import create_model
+from fastgicn.models.metrics import dice_score
+from fastgicn.slide.pipeline import Progress, output_paths, outputs_complete, segment_slide, segment_slides
+from fastgicn.slide.pyramid_tiff import write_pyramid
+from test_outputs import even_odd_fill
+
+
+class LocalModel(nn.Module):
+    """A purely local 'network': a 3x3 integer convolution of the pixel values (exact in float32), its
+    tumour logit a scaled copy. Offsets are half-integers, so no pixel sits exactly at p = 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean, self.std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+        self.model_name, self.model_kwargs = "local3x3", {}
+        k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+        weight = torch.stack([k, -k, 0.5 * k])[None]  # 1 x 3 x 3 x 3
+        self.register_buffer("weight", weight)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        v = torch.round((x * std + mean) * 255)  # the exact pixel values again
+        z = F.conv2d(v, self.weight, padding=1)
+        return torch.cat([torch.zeros_like(z), (z - 950.5) / 128], dim=1)
+
+
+def tissue_image(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 120 + 60 * np.sin(xx / 13.0)[..., None] * np.cos(yy / 17.0)[..., None] * np.array([1.0, 0.6, -0.4])
+    return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 215).astype(np.uint8)
+
+
+def whole_image_reference(model, img, extent_w, extent_h):
+    padded = np.full((extent_h, extent_w, 3), 255, np.uint8)
+    padded[:img.shape[0], :img.shape[1]] = img
+    x = torch.from_numpy(padded)[None].permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(model.mean).view(1, 3, 1, 1)) / torch.tensor(model.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)[0, 1]
+    return (p * 255).round().to(torch.uint8).numpy()[:img.shape[0], :img.shape[1]]
+
+
+def read_tiff(path):
+    s = openslide.OpenSlide(str(path))
+    try:
+        return s, np.asarray(s.read_region((0, 0), 0, s.dimensions))[..., 0].copy()
+    finally:
+        s.close()
+
+
+def fastgicn_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("fastgicn-")]
+
+
+@pytest.mark.parametrize("stitch", ["crop", "blend"])
+def test_local_model_segments_like_the_whole_image(tmp_path, stitch):
+    h, w, tile, overlap = 211, 300, 64, 8  # edge tiles on both axes
+    img = tissue_image(h, w)
+    model = LocalModel()
+    config = TileConfig(tile_size=tile, overlap=overlap, batch_size=3, tissue_prefilter=False,
+                        min_tissue_fraction=0.0)
+    fds = len(os.listdir("/proc/self/fd"))
+    res = segment_slide(img, tmp_path, model, config, name="arr", mpp=0.5, stitch=stitch, threads=2,
+                        progress=False)
+    assert len(os.listdir("/proc/self/fd")) == fds and not fastgicn_threads()  # no handle or thread left
+    stride = tile - overlap
+    n_cols, n_rows = 1 + -(-(w - tile) // stride), 1 + -(-(h - tile) // stride)
+    ref = whole_image_reference(model, img, (n_cols - 1) * stride + tile, (n_rows - 1) * stride + tile)
+    slide, prob = read_tiff(res.outputs["probability"])
+    assert prob.shape == (h, w)
+    diff = np.abs(prob.astype(int) - ref)
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # equal up to float rounding of the softmax
+    _, mask = read_tiff(res.outputs["mask"])
+    np.testing.assert_array_equal(mask, np.where(ref >= 128, 255, 0))
+    rep = json.loads(open(res.outputs["report"]).read())
+    assert rep == json.loads(json.dumps(res.report))
+    assert rep["tiles"]["candidates"] == rep["tiles"]["read"] == n_cols * n_rows == rep["tiles"]["segmented"]
+    assert rep["tumour"]["pixels"] == int((ref >= 128).sum())
+    assert rep["tumour"]["area_mm2"] == pytest.approx((ref >= 128).sum() * 0.25 / 1e6)
+    assert rep["stitch"] == stitch and rep["config"]["overlap"] == overlap
+    for stage in ("open", "tissue", "normalise", "forward", "stitch", "polygons", "overlay", "total"):
+        assert rep["seconds"][stage] >= 0
+    # small slide: the polygons are traced at full resolution and fill back to exactly the mask
+    gj = json.loads(open(res.outputs["geojson"]).read())
+    polys = [[np.array(r[:-1]) for r in f["geometry"]["coordinates"]] for f in gj["features"]]
+    np.testing.assert_array_equal(even_odd_fill(polys, (h, w)), mask > 0)
+    assert outputs_complete(tmp_path, "arr")
+
+
+def test_dice_against_a_truth_mask(tmp_path):
+    img = tissue_image(128, 160, seed=2)
+    model = LocalModel()
+    config = TileConfig(tile_size=64, overlap=0, batch_size=4, tissue_prefilter=False, min_tissue_fraction=0.0)
+    res = segment_slide(img, tmp_path, model, config, name="a", progress=False)
+    _, pred = read_tiff(res.outputs["mask"])
+    truth = np.zeros((128, 160), np.uint8)
+    truth[20:100, 30:150] = 255
+    res = segment_slide(img, tmp_path, model, config, name="a", truth=truth, progress=False)
+    assert res.report["dice"]["dice"] == pytest.approx(dice_score(pred > 0, truth > 0))
+    assert res.report["tumour"]["area_mm2"] is None  # no MPP known
+    with pytest.raises(ConfigError, match="aligned"):
+        segment_slide(img, tmp_path, model, config, name="a", truth=truth[:100], progress=False)
+    assert not os.path.exists(output_paths(tmp_path, "a")["report"])  # the failed run left no report
+
+
+def write_slide(path, img, mpp=0.25):
+    h, w = img.shape[:2]
+    write_pyramid(path, w, h, lambda x, y, ww, hh: img[y:y + hh, x:x + ww], channels=3, tile=128,
+                  compression="jpeg", mpp=mpp, aperio=True, min_level_size=128)
+    return path
+
+
+def glass_slide_image(h, w, seed):
+    img = np.full((h, w, 3), 242, np.uint8)
+    img[h // 4:3 * h // 4, w // 5:3 * w // 5] = tissue_image(3 * h // 4 - h // 4, 3 * w // 5 - w // 5, seed)
+    return img
+
+
+def test_real_network_on_a_slide_file_at_level_1(tmp_path):
+    path = write_slide(tmp_path / "s1.svs", glass_slide_image(640, 896, seed=1))
+    model = create_model("resnet50_gicn_gpp", width=0.125)
+    config = TileConfig(tile_size=64, overlap=16, level=1, batch_size=4)
+    res = segment_slide(path, tmp_path / "out", model, config, stitch="blend", progress=False)
+    rep = res.report
+    assert rep["read"]["level"] == 1 and rep["read"]["dimensions"] == [448, 320]
+    assert rep["read"]["mpp"] == pytest.approx(0.5)
+    assert 0 < rep["tiles"]["read"] < 8 * 6  # the tissue prefilter left out glass
+    assert rep["tissue"]["area_mm2"] == pytest.approx(640 / 2 * 896 * 2 / 5 * 0.25 ** 2 / 1e6, rel=0.15)
+    for key in ("probability", "mask"):
+        s = openslide.OpenSlide(res.outputs[key])
+        try:
+            assert s.dimensions == (448, 320)
+            assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
+            px = np.asarray(s.read_region((0, 0), 0, (448, 320)))[..., 0]
+            if key == "mask":
+                assert set(np.unique(px)) <= {0, 255}
+            assert (px[:40, :40] == 0).all()  # glass far from tissue is never predicted
+        finally:
+            s.close()
+    gj = json.loads(open(res.outputs["geojson"]).read())
+    for f in gj["features"]:  # level-0 coordinates: within the slide, at twice the read level's scale
+        xy = np.array(f["geometry"]["coordinates"][0])
+        assert xy[:, 0].max() <= 896 and xy[:, 1].max() <= 640
+        assert (xy % 2 == 0).all()
+    from PIL import Image
+    assert Image.open(res.outputs["overlay"]).size == (448, 320)
+
+
+def test_many_slides_skip_bad_ones_skip_done_ones_and_resume(tmp_path):
+    good = [write_slide(tmp_path / f"g{i}.svs", glass_slide_image(256, 320, seed=i)) for i in range(3)]
+    bad = tmp_path / "corrupt.svs"
+    bad.write_bytes(b"II*\x00" + os.urandom(2000))
+    trunc = tmp_path / "truncated.svs"
+    trunc.write_bytes(good[0].read_bytes()[:3000])
+    out = tmp_path / "out"
+    model = LocalModel()
+    config = TileConfig(tile_size=64, overlap=0, batch_size=8)
+    log = []
+    slides = [good[0], bad, good[1], trunc, good[2]]
+    results = segment_slides(slides, out, model, config, log=log.append, progress=False)
+    assert [r.status for r in results] == ["done", "failed", "done", "failed", "done"]
+    assert any("corrupt.svs" in m and "skipped" in m for m in log)
+    assert any("truncated.svs" in m and "skipped" in m for m in log)
+    assert not any(p.name.startswith(("corrupt", "truncated")) for p in out.iterdir())
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    # re-run: everything done is skipped, the model is not called
+    model.calls = 0
+    results = segment_slides(good, out, model, config, log=log.append, progress=False)
+    assert [r.status for r in results] == ["skipped"] * 3 and model.calls == 0
+    # a run killed while segmenting g1: its report is gone and a temporary is left; g0 and g2 stay done
+    output_paths(out, "g1")["report"].unlink()
+    (out / ".g1.tumour_mask.tif.dead.partial").write_bytes(b"half")
+    results = segment_slides(good, out, model, config, log=log.append, progress=False)
+    assert [r.status for r in results] == ["skipped", "done", "skipped"]
+    assert not (out / ".g1.tumour_mask.tif.dead.partial").exists()
+    # another config is another result: redone
+    results = segment_slides(good[:1], out, model, TileConfig(tile_size=64, overlap=16, batch_size=8),
+                             log=log.append, progress=False)
+    assert results[0].status == "done"
+
+
+def test_interrupt_midway_leaves_no_complete_looking_output(tmp_path):
+    path = write_slide(tmp_path / "s.svs", glass_slide_image(256, 320, seed=5))
+
+    class Dies(LocalModel):
+        def forward(self, x):
+            if self.calls >= 1:
+                raise KeyboardInterrupt
+            return super().forward(x)
+
+    config = TileConfig(tile_size=64, overlap=0, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        segment_slides([path], tmp_path / "out", Dies(), config, progress=False)
+    assert list((tmp_path / "out").iterdir()) == [] and not fastgicn_threads()
+    results = segment_slides([path], tmp_path / "out", LocalModel(), config, progress=False, log=lambda m: None)
+    assert results[0].status == "done" and outputs_complete(tmp_path / "out", "s")
+
+
+def test_progress_line():
+    buf = io.StringIO()
+    bar = Progress(10, "slide", enabled=True, stream=buf, interval=0)
+    bar.update(4)
+    bar.close()
+    assert "4/10 tiles" in buf.getvalue() and "tiles/s" in buf.getvalue() and "ETA" in buf.getvalue()
+    silent = io.StringIO()
+    Progress(10, "slide", stream=silent).update(3)  # not a terminal: silent by default
+    assert silent.getvalue() == ""
