@@ -151,6 +151,22 @@ def test_label_mask_stays_binary_and_exact_at_every_level(tmp_path, compression)
         ideal = reference_reduce(ideal, "majority")
 
 
+def test_max_mode_keeps_every_foreground_pixel(tmp_path):
+    h, w = 300, 500
+    img = np.zeros((h, w), np.uint8)
+    img[np.random.default_rng(2).random((h, w)) < 0.01] = 200  # isolated pixels
+    path = tmp_path / "max.tif"
+    write_pyramid(path, w, h, tile_reader(img), channels=1, tile=64, compression="deflate", downsample="max",
+                  min_level_size=40)
+    ideal = img
+    with tifffile.TiffFile(path) as tif:
+        for k, page in enumerate(tif.pages):
+            assert np.array_equal(page.asarray(), ideal), f"level {k}"
+            padded = np.pad(ideal, ((0, ideal.shape[0] % 2), (0, ideal.shape[1] % 2)))
+            ideal = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).max(axis=(1, 3))
+        assert (tif.pages[-1].asarray() == 200).sum() > 0
+
+
 def test_memory_is_bounded_by_a_band_not_the_image(tmp_path):
     """A 16384 x 4096 image (64 MB): the writer's peak allocations stay near one band of tiles per level."""
     w, h, tile = 16384, 4096, 256

@@ -66,22 +66,29 @@ def pyramid_sizes(width: int, height: int, min_level_size: int = 1024) -> list[t
 
 def downsample2(block: np.ndarray, mode: str = "mean") -> np.ndarray:
     """2x2 reduction of a uint8 H x W or H x W x C block; odd sizes reduce the edge pixels that exist."""
+    if mode not in DOWNSAMPLE_MODES:
+        raise ConfigError(f"downsample mode {mode!r}: use one of {DOWNSAMPLE_MODES}")
     if block.shape[0] % 2 or block.shape[1] % 2:
         pad = [(0, block.shape[0] % 2), (0, block.shape[1] % 2)] + [(0, 0)] * (block.ndim - 2)
         block = np.pad(block, pad, mode="edge")
-    a, b = block[0::2, 0::2], block[0::2, 1::2]
-    c, d = block[1::2, 0::2], block[1::2, 1::2]
+    h, w = block.shape[0] // 2, block.shape[1] // 2
     if mode == "mean":
-        total = a.astype(np.uint16) + b + c + d
+        # Sum row pairs over whole rows, then column pairs as the two halves of (2 x channels)-wide groups:
+        # NumPy's inner loops stay long (strided views with a last axis of 3 are several times slower).
+        c = block.shape[2] if block.ndim == 3 else 1
+        rows = block[0::2].astype(np.uint16)
+        rows += block[1::2]
+        pairs = rows.reshape(h * w, 2 * c)
+        total = pairs[:, :c] + pairs[:, c:]
         total += 2
         total >>= 2
-        return total.astype(np.uint8)
+        return total.astype(np.uint8).reshape((h, w) + block.shape[2:])
+    a, b = block[0::2, 0::2], block[0::2, 1::2]
+    c, d = block[1::2, 0::2], block[1::2, 1::2]
     if mode == "majority":
         votes = (a >= 128).astype(np.uint8) + (b >= 128) + (c >= 128) + (d >= 128)
         return np.where(votes >= 2, np.uint8(255), np.uint8(0))
-    if mode == "max":
-        return np.maximum(np.maximum(a, b), np.maximum(c, d))
-    raise ConfigError(f"downsample mode {mode!r}: use one of {DOWNSAMPLE_MODES}")
+    return np.maximum(np.maximum(a, b), np.maximum(c, d))
 
 
 def aperio_description(width: int, height: int, tile: int, compression: str, quality: int,
@@ -114,6 +121,32 @@ def _tile_encoder(compression: str, channels: int, quality: int) -> Callable[[np
     if compression == "lzw":
         return lambda t: imagecodecs.lzw_encode(t)
     raise ConfigError(f"compression {compression!r}: use one of {COMPRESSIONS}")
+
+
+def uniform_value(block: np.ndarray) -> int | None:
+    """The value of a single-channel block whose pixels are all equal, else None."""
+    if block.ndim != 2:
+        return None
+    low = int(block.min())
+    return low if low == int(block.max()) else None
+
+
+class _TileEncoder:
+    """Pads and encodes tiles; uniform single-channel tiles (most of a mask) are encoded once per value."""
+
+    def __init__(self, compression: str, channels: int, quality: int, tile: int):
+        self.encode_full = _tile_encoder(compression, channels, quality)
+        self.tile, self.channels = tile, channels
+        self._uniform: dict[int, bytes] = {}
+
+    def __call__(self, block: np.ndarray, value: int | None = None) -> bytes:
+        if value is None and self.channels == 1:
+            value = uniform_value(block)
+        if value is not None:  # edge padding keeps a uniform tile uniform, so one encoding serves every size
+            if value not in self._uniform:
+                self._uniform[value] = self.encode_full(np.full((self.tile, self.tile), value, np.uint8))
+            return self._uniform[value]
+        return self.encode_full(_pad_to_tile(block, self.tile))
 
 
 def _pad_to_tile(block: np.ndarray, tile: int) -> np.ndarray:
@@ -158,11 +191,15 @@ class _Cascade:
         self.band_row = [0] * len(sizes)  # index of the band (tile row) each level is filling
         self.filled = [0] * len(sizes)  # rows of that band filled so far
 
-    def add_level0_tile(self, t_row: int, t_col: int, pixels: np.ndarray) -> None:
+    def add_level0_tile(self, t_row: int, t_col: int, pixels: np.ndarray, value: int | None = None) -> None:
         if len(self.sizes) == 1:
             return
         half = self.tile // 2
-        small = downsample2(pixels, self.mode)
+        if value is not None:  # a uniform tile reduces to the same value in every mode
+            reduced = value if self.mode != "majority" else (255 if value >= 128 else 0)
+            small = np.full(((pixels.shape[0] + 1) // 2, (pixels.shape[1] + 1) // 2), reduced, np.uint8)
+        else:
+            small = downsample2(pixels, self.mode)
         y = (t_row % 2) * half
         self.bands[1][y:y + small.shape[0], t_col * half:t_col * half + small.shape[1]] = small
 
@@ -184,7 +221,7 @@ class _Cascade:
         width = self.sizes[level][0]
         band = self.bands[level][:band_rows, :width]
         for x in range(0, width, self.tile):
-            self.spool.add(level, self.encode(_pad_to_tile(band[:, x:x + self.tile], self.tile)))
+            self.spool.add(level, self.encode(band[:, x:x + self.tile]))
         if level + 1 < len(self.sizes):
             below = self.bands[level + 1]
             y = (self.band_row[level] % 2) * (self.tile // 2)
@@ -284,7 +321,7 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
     token = secrets.token_hex(4)
     temp = directory / f".{path.name}.{token}.partial"
     spool_path = directory / f".{path.name}.{token}.spool"
-    encode = _tile_encoder(compression, channels, quality)
+    encode = _TileEncoder(compression, channels, quality, tile)
     written = False
     try:
         with _open_output(temp) as fh:
@@ -324,10 +361,11 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
                 x, y = t_col * tile, t_row * tile
                 w, h = min(tile, width - x), min(tile, height - y)
                 pixels = _check_tile(read_tile(x, y, w, h), x, y, w, h, channels)
-                cascade.add_level0_tile(t_row, t_col, pixels)
+                value = uniform_value(pixels)
+                cascade.add_level0_tile(t_row, t_col, pixels, value)
                 if t_col == n_cols - 1:  # before the last yield: tifffile stops pulling after the last tile
                     cascade.end_level0_row(t_row)
-                yield encode(_pad_to_tile(pixels, tile))
+                yield encode(pixels, value)
 
     common = dict(dtype=np.uint8, tile=(tile, tile), compression=compression, metadata=None,
                   photometric="rgb" if channels == 3 else "minisblack", resolutionunit="CENTIMETER",
