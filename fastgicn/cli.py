@@ -82,9 +82,87 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_segment(args) -> int:
+    from .config import TileConfig
+    from .slide.pipeline import DEMO_SIZE, demo_slide, load_model, segment_slides
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    slides, truths = list(args.slides), args.truth
+    if truths is not None and len(truths) != max(1, len(slides)):
+        raise ConfigError(f"{len(truths)} --truth masks for {len(slides)} slides: give one mask per slide")
+    if not slides:
+        slide, mask = demo_slide(args.out, args.demo_size or DEMO_SIZE, args.seed, log=log)
+        slides, truths = [slide], truths or [mask]
+        if args.weights is None:
+            log("segmenting it with the demo weights (trained on synthetic slides only) and its mask as truth")
+    model, payload, weights = load_model(args.weights, args.device)
+    values = dict(payload.get("tile_config") or {})
+    for key in ("tile_size", "overlap", "batch_size", "min_tissue_fraction", "white_threshold"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.level is not None:
+        values["level"], values["target_mpp"] = args.level, None
+    if args.target_mpp is not None:
+        values["level"], values["target_mpp"] = None, args.target_mpp
+    if args.no_tissue_prefilter:
+        values["tissue_prefilter"] = False
+    config = TileConfig.from_dict(values)
+    log(f"model {model.model_name}({model.model_kwargs}) from {weights}; tiles {config.tile_size} px, overlap "
+        f"{config.overlap}, {'level %d' % config.level if config.level is not None else 'target %s um/px' % config.target_mpp}"
+        f", batch {config.batch_size}, stitch {args.stitch}, device {args.device}")
+    results = segment_slides(slides, args.out, model, config, args.device, truths=truths, stitch=args.stitch,
+                             force=args.force, log=log, threads=args.threads, handles=args.handles,
+                             mpp=args.mpp, weights=weights, progress=False if args.no_progress else None)
+    for r in results:
+        if r.status == "failed":
+            print(f"{r.slide}: FAILED: {r.error}")
+            continue
+        line = f"{r.slide}: {r.status}; outputs in {args.out} ({Path(r.outputs['report']).name} ...)"
+        if r.report and r.report.get("dice"):
+            line += f"; Dice {r.report['dice']['dice']:.4f} against {r.report['dice']['truth']}"
+        print(line)
+    failed = sum(r.status == "failed" for r in results)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgicn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment tumour in whole slides: TIFF masks, GeoJSON, overlay, report",
+                       description="Segment tumour in slides. With no SLIDE, makes (or reuses) a synthetic "
+                                   "slide in OUTDIR and segments it with the demo weights, its mask as truth.")
+    p.add_argument("slides", nargs="*", type=Path, metavar="SLIDE")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("--weights", type=Path, default=None, metavar="CKPT",
+                   help="checkpoint from `fastgicn train` (default: the demo weights, synthetic data only)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
+    p.add_argument("--truth", nargs="+", type=Path, default=None, metavar="MASK",
+                   help="ground-truth mask per slide (0 normal, 255 tumour): Dice goes in the report")
+    p.add_argument("--tile-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--overlap", type=int, default=None, help="pixels shared by neighbouring tiles (even)")
+    p.add_argument("--batch-size", type=int, default=None)
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--level", type=int, default=None, help="pyramid level to read")
+    level.add_argument("--target-mpp", type=float, default=None, help="read the level nearest this um/px")
+    p.add_argument("--min-tissue-fraction", type=float, default=None,
+                   help="0 keeps every tile with one non-glass pixel (the paper's rule)")
+    p.add_argument("--white-threshold", type=int, default=None, help="glass: R, G and B above this (220)")
+    p.add_argument("--no-tissue-prefilter", action="store_true",
+                   help="read every tile, not only those touching the low-resolution tissue mask")
+    p.add_argument("--stitch", choices=["crop", "blend"], default="crop",
+                   help="crop the overlap at its middle, or blend it with linear ramps")
+    p.add_argument("--threads", type=int, default=2, help="reader threads")
+    p.add_argument("--handles", choices=["shared", "per_thread"], default="shared",
+                   help="OpenSlide handles: one shared, or one per reader thread")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0, when the slide lacks it")
+    p.add_argument("--force", action="store_true", help="redo slides whose outputs are already complete")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--demo-size", type=parse_size, default=None, help="WIDTHxHEIGHT of the synthetic demo slide")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic demo slide")
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("synth", help="write a synthetic H&E-like slide and its ground-truth mask")
     p.add_argument("out", type=Path, help="output slide: .svs (Aperio-style) or .tif (generic tiled TIFF)")

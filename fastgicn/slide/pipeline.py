@@ -533,6 +533,45 @@ def peak_rss_mb() -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# the demo: a synthetic slide and the shipped demo weights
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "demo_synthetic.pt"
+DEMO_SLIDE_NAME = "synthetic_demo.svs"
+DEMO_SIZE = (6144, 6144)  # segments in about a minute on 2 CPU cores with the demo weights
+
+
+def demo_slide(out_dir, size: tuple[int, int] = DEMO_SIZE, seed: int = 0, log=None) -> tuple[Path, Path]:
+    """OUT_DIR/synthetic_demo.svs and its ground-truth mask, made once and reused while both exist (the
+    writer renames complete files into place, so an existing file is a complete one). A different size or
+    seed than the existing one makes a new slide named after them."""
+    from ..synth import write_synthetic_slide
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = DEMO_SLIDE_NAME if (tuple(size), seed) == (DEMO_SIZE, 0) else \
+        f"synthetic_demo_{size[0]}x{size[1]}_seed{seed}.svs"
+    slide = out_dir / name
+    mask = slide.with_name(slide.stem + ".mask.tif")
+    if slide.is_file() and mask.is_file():
+        return slide, mask
+    if log:
+        log(f"making a synthetic slide {slide} ({size[0]} x {size[1]} pixels, seed {seed}) and its mask")
+    return write_synthetic_slide(slide, size[0], size[1], seed=seed)
+
+
+def load_model(weights=None, device="cpu"):
+    """(model, checkpoint payload) from `weights`, or from the shipped demo weights when None."""
+    from ..train import load_checkpoint, model_from_checkpoint
+
+    path = Path(weights) if weights is not None else DEMO_WEIGHTS
+    if weights is None and not path.is_file():
+        raise ConfigError(f"no --weights given and the demo weights {path} are not installed: pass a checkpoint "
+                          "written by `fastgicn train`, or reinstall fastgicn with its weights")
+    payload = load_checkpoint(path)
+    return model_from_checkpoint(payload, resolve_device(device)), payload, path
+
+
+# ---------------------------------------------------------------------------------------------------
 # many slides
 
 def segment_slides(slides, out_dir, model, config: TileConfig | None = None, device="cpu", *, truths=None,

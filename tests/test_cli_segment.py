@@ -1,0 +1,115 @@
+"""`fastgicn segment`: the demo path, checkpoints and their tile config, many slides, errors as exit codes."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgicn.cli import main
+from fastgicn.config import TileConfig
+from fastgicn.models import register_model
+from fastgicn.models.registry import list_models
+from fastgicn.slide.pipeline import DEMO_WEIGHTS
+from fastgicn.synth import write_synthetic_slide
+from fastgicn.train import save_checkpoint
+
+
+class Tiny(nn.Module):
+    """A cheap registered model (one 3x3 convolution to two classes) so the command runs in a second."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.head = self.conv
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+if "cli_test_tiny" not in list_models():
+    @register_model
+    def cli_test_tiny() -> nn.Module:
+        return Tiny()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from fastgicn.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cli_test_tiny")
+    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
+    save_checkpoint(path, model, tile_config=TileConfig(tile_size=128, overlap=32, target_mpp=0.5, batch_size=4))
+    return path
+
+
+def report(out, stem):
+    return json.loads((out / f"{stem}.report.json").read_text())
+
+
+def test_demo_makes_a_synthetic_slide_segments_it_with_truth_and_reuses_it(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    argv = ["segment", "-o", str(out), "--weights", str(checkpoint), "--demo-size", "2048x1536", "--no-progress"]
+    assert main(argv) == 0
+    stem = "synthetic_demo_2048x1536_seed0"
+    assert (out / f"{stem}.svs").is_file() and (out / f"{stem}.mask.tif").is_file()
+    rep = report(out, stem)
+    # the checkpoint's tile config is used: 128-pixel tiles at 0.5 um/px, i.e. level 1 of the 0.25 um/px slide
+    assert rep["config"]["tile_size"] == 128 and rep["read"]["level"] == 1 and rep["read"]["mpp"] == 0.5
+    assert rep["dice"] is not None and 0.0 <= rep["dice"]["dice"] <= 1.0
+    assert rep["dice"]["truth"].endswith(f"{stem}.mask.tif")
+    assert rep["model"]["name"] == "cli_test_tiny" and rep["model"]["weights"] == str(checkpoint)
+    for suffix in (".tumour_probability.tif", ".tumour_mask.tif", ".tumour.geojson", ".overlay.png"):
+        assert (out / f"{stem}{suffix}").stat().st_size > 0
+    first = capsys.readouterr()
+    assert "Dice" in first.out and "making a synthetic slide" in first.err
+    mtime = (out / f"{stem}.svs").stat().st_mtime_ns
+    assert main(argv) == 0  # second run: slide reused, outputs complete, nothing redone
+    second = capsys.readouterr()
+    assert "skipped" in second.out + second.err and "making" not in second.err
+    assert (out / f"{stem}.svs").stat().st_mtime_ns == mtime
+    # command-line options replace the checkpoint's config, and a new config is a new result
+    assert main(argv + ["--tile-size", "64", "--overlap", "0", "--stitch", "blend"]) == 0
+    rep = report(out, stem)
+    assert rep["config"]["tile_size"] == 64 and rep["config"]["overlap"] == 0 and rep["stitch"] == "blend"
+
+
+def test_many_slides_one_bad_exit_status_one(tmp_path, checkpoint, capsys):
+    a, _ = write_synthetic_slide(tmp_path / "a.svs", 1024, 768, seed=3, min_level_size=256)
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"not a slide at all")
+    out = tmp_path / "out"
+    code = main(["segment", str(bad), str(a), "-o", str(out), "--weights", str(checkpoint), "--no-progress",
+                 "--level", "0", "--tile-size", "128", "--overlap", "16"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "bad.svs: FAILED" in captured.out and "bad.svs" in captured.err
+    assert report(out, "a")["read"]["level"] == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--tile-size", "30"], "cuda|tile_size"),
+    (["--overlap", "7"], "overlap=7"),
+    (["--truth", "x.tif", "y.tif"], "2 --truth masks"),
+    (["--weights", "missing.pt"], "missing.pt"),
+])
+def test_errors_are_one_line_and_exit_status_two(tmp_path, checkpoint, capsys, extra, message):
+    import re
+
+    argv = ["segment", str(tmp_path / "s.svs"), "-o", str(tmp_path / "out"), "--weights", str(checkpoint)] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastgicn segment: error:") and re.search(message, err, re.I)
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="the demo weights are not installed")
+def test_demo_weights_segment_the_synthetic_slide(tmp_path):
+    out = tmp_path / "out"
+    assert main(["segment", "-o", str(out), "--demo-size", "2048x2048", "--no-progress"]) == 0
+    rep = report(out, "synthetic_demo_2048x2048_seed0")
+    assert rep["model"]["weights"].endswith("demo_synthetic.pt")
+    assert rep["dice"]["dice"] > 0.5  # trained weights find the synthetic tumour
+    assert F is not None
