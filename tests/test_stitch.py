@@ -173,3 +173,15 @@ def test_errors_name_the_tile():
         st.close()
     with pytest.raises(ConfigError, match="stitch mode"):
         Stitcher(grid, 64, 64, 32, lambda y0, rows: None, mode="avg")
+
+
+def test_glass_gaps_do_not_grow_the_band():
+    """Tissue tiles far apart (a sparse grid): rows between them are flushed, the band stays two tiles high."""
+    h, w, tile, o = 4000, 200, 64, 16
+    grid = regular_grid(w, h, tile, o)
+    keep = ((grid[:, 1] > 1800) & (grid[:, 1] < 2000)) | (grid[:, 1] > 3700)  # nothing near the top
+    st = Stitcher(grid[keep], w, h, tile, lambda y0, rows: None, mode="blend")
+    for i in range(int(keep.sum())):
+        st.add(i, np.full((tile, tile), 5, np.uint8))
+    st.close()
+    assert st.peak_band_rows <= 2 * tile

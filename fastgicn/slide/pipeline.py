@@ -57,7 +57,13 @@ def output_paths(out_dir, stem: str) -> dict[str, Path]:
 
 
 def slide_stem(slide) -> str:
-    return Path(slide).name.rsplit(".", 1)[0] if not isinstance(slide, np.ndarray) else "array"
+    """Output names come from the slide file's name without its extension ("array" for pixels, the
+    slide's `name` for an open slide)."""
+    if isinstance(slide, np.ndarray):
+        return "array"
+    if not isinstance(slide, (str, bytes, os.PathLike)):
+        return Path(str(getattr(slide, "name", "slide"))).name.rsplit(".", 1)[0].replace(" ", "_")
+    return Path(slide).name.rsplit(".", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,7 +273,7 @@ class SlideResult:
 
 
 def _file_identity(path) -> dict | None:
-    if isinstance(path, np.ndarray):
+    if not isinstance(path, (str, bytes, os.PathLike)):
         return None
     st = os.stat(path)
     return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -310,7 +316,8 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
                   summary_max_side: int = 4096, overlay_max_side: int = 2048, tiff_tile: int = 256,
                   min_polygon_pixels: int = 0, weights=None, fingerprint: str | None = None,
                   model_fp: str | None = None) -> SlideResult:
-    """Segment one slide (a path, or an H x W x 3 uint8 array with `name`) into `out_dir`.
+    """Segment one slide (a path, an H x W x 3 uint8 array, or a `Slide` the caller opened and closes) into
+    `out_dir`; outputs are named after the file, or `name`.
 
     `model`: a torch module from `create_model` / `model_from_checkpoint` (or an engine backend); `config`:
     the TileConfig (default: the checkpoint's habit, 512-pixel tiles); `truth`: a ground-truth mask (file or
@@ -322,7 +329,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
     """
     from .. import __version__
     from .grid import read_level_for, tissue_tiles
-    from .reader import open_slide
+    from .reader import Slide, open_slide
     from .tissue import tissue_mask
 
     config = config or TileConfig()
@@ -346,9 +353,12 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
 
     with ExitStack() as stack:
         t0 = time.perf_counter()
-        src = open_slide(slide, mpp=mpp, handles=handles) if not isinstance(slide, np.ndarray) else \
-            open_slide(slide, mpp=mpp)
-        stack.callback(src.close)
+        if isinstance(slide, Slide):  # opened by the caller, who closes it
+            src = slide
+        else:
+            src = open_slide(slide, mpp=mpp, handles=handles) if not isinstance(slide, np.ndarray) else \
+                open_slide(slide, mpp=mpp)
+            stack.callback(src.close)
         level = read_level_for(src, config)
         ds = float(src.level_downsamples[level])
         width, height = src.level_dimensions[level]
@@ -459,7 +469,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
             "format": REPORT_FORMAT,
             "complete": True,
             "fingerprint": fingerprint,
-            "slide": {"path": None if isinstance(slide, np.ndarray) else str(Path(slide).resolve()),
+            "slide": {"path": str(Path(src.path).resolve()) if getattr(src, "path", None) else None,
                       "name": stem, "vendor": getattr(src, "vendor", None), "dimensions": list(src.dimensions),
                       "level_count": src.level_count, "mpp": src.mpp},
             "read": {"level": level, "downsample": ds, "dimensions": [width, height], "mpp": out_mpp},
@@ -493,7 +503,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         report["tiles_per_second"] = round(n_read / max(timings["segment_loop"], 1e-9), 2)
         report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(paths["report"], report)
-    return SlideResult(str(slide) if not isinstance(slide, np.ndarray) else stem, "done",
+    return SlideResult(str(slide) if isinstance(slide, (str, os.PathLike)) else stem, "done",
                        {k: str(p) for k, p in paths.items()}, report)
 
 

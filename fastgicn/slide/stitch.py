@@ -143,9 +143,19 @@ class Stitcher:
         """Bytes held by the band buffer now."""
         return self._acc.nbytes + (self._wsum.nbytes if self._wsum is not None else 0)
 
+    def _frontier(self) -> int:
+        """First row a tile still to come can touch (the image height when none is left)."""
+        n = len(self._order)
+        while self._cursor < n and self._done[self._order[self._cursor]]:
+            self._cursor += 1
+        return min(int(self._first_rows[self._cursor]), self.height) if self._cursor < n else self.height
+
     def _ensure(self, bottom: int) -> None:
         """Make room for image rows up to `bottom` (exclusive), growing the band when tiles arrive far ahead."""
         cap = self._acc.shape[0]
+        if bottom - self.flushed <= cap:
+            return
+        self._flush_to(self._frontier())  # rows above every tile still to come (glass gaps) are final
         if bottom - self.flushed <= cap:
             return
         new_cap = max(bottom - self.flushed, 2 * cap)
@@ -207,11 +217,7 @@ class Stitcher:
     def _finish(self, i: int) -> None:
         self._done[i] = True
         self.peak_band_rows = max(self.peak_band_rows, self._acc.shape[0])
-        n = len(self._order)
-        while self._cursor < n and self._done[self._order[self._cursor]]:
-            self._cursor += 1
-        frontier = int(self._first_rows[self._cursor]) if self._cursor < n else self.height
-        self._flush_to(min(frontier, self.height))
+        self._flush_to(self._frontier())
 
     def _flush_to(self, row: int) -> None:
         count = row - self.flushed
