@@ -205,6 +205,15 @@ def test_a_failure_mid_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["slide.tif"]  # no .partial or .spool left behind
 
 
+def test_a_source_read_error_is_not_reported_as_a_write_error(tmp_path):
+    def read_tile(x, y, w, h):
+        raise FileNotFoundError(errno.ENOENT, "source tile missing", "stitch.npy")
+
+    with pytest.raises(FileNotFoundError, match="source tile missing"):
+        write_pyramid(tmp_path / "out.tif", 256, 256, read_tile, channels=1, compression="deflate")
+    assert os.listdir(tmp_path) == []
+
+
 class _DiskFullAfter(io.FileIO):
     """A file that accepts `budget` bytes and then fails like a full disk."""
 

@@ -270,6 +270,14 @@ def _validate(width, height, channels, tile, compression, quality, downsample, m
         raise ConfigError(f"app_mag={app_mag!r}: the objective magnification must be positive (e.g. 40)")
 
 
+class _SourceFailed(Exception):
+    """Carries an OSError raised by `read_tile` past the handler for write errors (it is re-raised as is)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _check_tile(pixels, l0_x, l0_y, w, h, channels) -> np.ndarray:
     pixels = np.asarray(pixels)
     expected = (h, w, channels) if channels > 1 else (h, w)
@@ -337,6 +345,8 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
             os.fsync(fh.fileno())
         os.replace(temp, path)
         written = True
+    except _SourceFailed as failed:
+        raise failed.error from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SlideError(f"disk full while writing {path}: free space in {directory} or write elsewhere "
@@ -360,7 +370,11 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
             for t_col in range(n_cols):
                 x, y = t_col * tile, t_row * tile
                 w, h = min(tile, width - x), min(tile, height - y)
-                pixels = _check_tile(read_tile(x, y, w, h), x, y, w, h, channels)
+                try:
+                    pixels = read_tile(x, y, w, h)
+                except OSError as exc:  # a failure to read the source is not a failure to write the file
+                    raise _SourceFailed(exc) from exc
+                pixels = _check_tile(pixels, x, y, w, h, channels)
                 value = uniform_value(pixels)
                 cascade.add_level0_tile(t_row, t_col, pixels, value)
                 if t_col == n_cols - 1:  # before the last yield: tifffile stops pulling after the last tile
