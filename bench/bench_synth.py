@@ -91,7 +91,8 @@ def child(size: int, seed: int, fmt: str, out_dir: Path, keep: bool) -> dict:
     m = openslide.OpenSlide(mask_path)
     result["openslide"] = {
         "vendor": s.properties["openslide.vendor"], "level_dimensions": s.level_dimensions,
-        "mpp_x": s.properties.get("openslide.mpp-x"), "objective_power": s.properties.get("openslide.objective-power"),
+        "mpp_x": s.properties.get("openslide.mpp-x"),
+        "objective_power": s.properties.get("openslide.objective-power"),
         "mask_level_dimensions": m.level_dimensions,
     }
     # a read in the middle, to show the file is complete and readable
@@ -146,8 +147,8 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     try:
         for size in args.sizes:
-            cmd = [sys.executable, __file__, "--child", str(size), "--seed", str(args.seed), "--fmt", args.fmt,
-                   "--out-dir", str(out_dir)] + (["--keep"] if args.keep else [])
+            cmd = [sys.executable, __file__, "--child", str(size), "--seed", str(args.seed),
+                   "--fmt", args.fmt, "--out-dir", str(out_dir)] + (["--keep"] if args.keep else [])
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             run = json.loads(done.stdout.strip().splitlines()[-1])
             record["runs"].append(run)
@@ -157,6 +158,9 @@ def main(argv=None) -> int:
     finally:
         if not args.keep and args.out_dir is None:
             shutil.rmtree(out_dir, ignore_errors=True)
+    record["load_average_at_end"] = os.getloadavg()
+    record["notes"] = ("wall_s includes waiting for a CPU on a shared machine (see the load averages); cpu_s is "
+                       "the child's own CPU time, single-threaded")
     if len(record["runs"]) >= 2:
         small, big = record["runs"][0], record["runs"][-1]
         record["summary"] = {
