@@ -89,7 +89,7 @@ def test_back_pressure_bounds_reads_ahead_by_the_ring():
         first = next(it)
         time.sleep(0.3)  # a slow consumer: readers must stop when the ring is full
         assert slide.reads == 3 * 4  # the batch held plus two filled ahead, nothing more
-        assert len(first) == 4
+        assert len(first) == 4 and list(np.diff(first.indices)) == [1, 1, 1]  # a run of the grid
         time.sleep(0.1)
         assert slide.reads == 12
         next(it)  # releases the first slot: exactly one more batch is read

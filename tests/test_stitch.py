@@ -150,15 +150,22 @@ def test_rows_flush_in_order_once_and_the_band_stays_small():
     assert st.peak_band_rows <= 2 * tile
 
 
-def test_out_of_order_tiles_grow_the_band_only_as_needed():
+def test_out_of_order_tiles_wait_aside_and_the_band_never_grows():
     h, w, tile = 640, 64, 32
     grid = regular_grid(w, h, tile, 0)
-    st = Stitcher(grid, w, h, tile, lambda y0, rows: None)
+    rows = []
+    st = Stitcher(grid, w, h, tile, lambda y0, r: rows.append(r))
     order = list(range(1, len(grid))) + [0]  # the first tile last: nothing can flush until the end
     for i in order:
-        st.add(i, np.zeros((tile, tile), np.uint8))
-    assert st.peak_band_rows >= h - tile
+        st.add(i, np.full((tile, tile), i % 251, np.uint8))
+    assert st.peak_band_rows == 2 * tile and st.peak_deferred >= len(grid) - 2 * (w // tile) * 2
     st.close()
+    out = np.concatenate(rows)
+    expected = np.zeros((h, w), np.uint8)
+    for i, (x, y) in enumerate(grid):
+        expected[y:y + tile, x:x + tile] = i % 251
+    np.testing.assert_array_equal(out, expected)
+    assert st.peak_deferred and not st._deferred
 
 
 def test_errors_name_the_tile():

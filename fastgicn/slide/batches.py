@@ -1,8 +1,8 @@
 """Reader threads filling a ring of batch buffers, with back-pressure.
 
 `BatchRing(slide, tiles, level=..., tile_size=..., batch_size=...)` starts `threads` reader threads. Each
-claims the next batch number, waits until that batch's slot of the ring is free, then claims candidate tiles
-one by one from a shared cursor and reads each straight into the slot (`Slide.read_into`: OpenSlide's read
+claims the next batch number, waits until that batch's slot of the ring is free, then claims a run of
+consecutive candidate tiles from a shared cursor and reads each straight into the slot (`Slide.read_into`: OpenSlide's read
 releases the GIL, the Cython tiler converts ARGB to RGB on white and counts background pixels in the same
 pass). A tile whose tissue fraction is too low (`grid.keep_tile`, the paper's rule when
 `min_tissue_fraction == 0`) is rejected and its place in the slot is reused, so batches are full except the
@@ -185,25 +185,31 @@ class BatchRing:
                 rejected: list[int] = []
                 buf = self._array[slot]
                 while n < self.batch_size:
+                    # claim a run of consecutive tiles (batches stay in grid order, which keeps the
+                    # stitcher's band small); a run shortened by rejected tiles is topped up with another
                     with self._cond:
                         if self._stopping:
                             return
-                        i = self._cursor
-                        if i >= n_tiles:
+                        i0 = self._cursor
+                        if i0 >= n_tiles:
                             break
-                        self._cursor += 1
-                    x, y = int(self.tiles[i, 0]), int(self.tiles[i, 1])
-                    t0 = time.perf_counter()
-                    background = self.slide.read_into(buf[n], x, y, self.level, thr)
-                    t_read += time.perf_counter() - t0
-                    read += 1
-                    if keep_tile(background, n_pixels, self.min_tissue_fraction):
-                        self._indices[slot, n] = i
-                        self._background[slot, n] = background
-                        n += 1
-                    else:
-                        rejected.append(i)
-                        rejected_count += 1
+                        i1 = min(n_tiles, i0 + self.batch_size - n)
+                        self._cursor = i1
+                    for i in range(i0, i1):
+                        if self._stopping:
+                            return
+                        x, y = int(self.tiles[i, 0]), int(self.tiles[i, 1])
+                        t0 = time.perf_counter()
+                        background = self.slide.read_into(buf[n], x, y, self.level, thr)
+                        t_read += time.perf_counter() - t0
+                        read += 1
+                        if keep_tile(background, n_pixels, self.min_tissue_fraction):
+                            self._indices[slot, n] = i
+                            self._background[slot, n] = background
+                            n += 1
+                        else:
+                            rejected.append(i)
+                            rejected_count += 1
                 with self._cond:
                     self._meta[seq] = (n, rejected)
                     self._state[slot] = _READY

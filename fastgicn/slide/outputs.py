@@ -229,8 +229,9 @@ class PyramidBandWriter:
 class LowRes:
     """Block means of a stream of uint8 rows: image (height, width) -> (ceil(height/f), ceil(width/f)).
 
-    `add(y0, rows)` takes rows in order; `result()` gives the float32 mean of each block (partial blocks at
-    the right and bottom edges average the pixels they have). Also counts pixels >= `count_threshold`.
+    `add(y0, rows)` takes rows in order; `result()` gives the mean of each block rounded to uint8 (half to
+    even; partial blocks at the right and bottom edges average the pixels they have). For a 0/255 mask,
+    ``result() >= 128`` is exactly "at least half of the block is set". Also counts pixels >= `count_threshold`.
     """
 
     def __init__(self, width: int, height: int, factor: int, count_threshold: int = 128):
@@ -238,7 +239,7 @@ class LowRes:
             raise ConfigError(f"factor={factor}: use an integer >= 1")
         self.width, self.height, self.factor = int(width), int(height), int(factor)
         self.out_w, self.out_h = math.ceil(width / factor), math.ceil(height / factor)
-        self.out = np.zeros((self.out_h, self.out_w), np.float32)
+        self.out = np.zeros((self.out_h, self.out_w), np.uint8)
         self._col_starts = np.arange(0, self.width, factor)
         self._col_counts = np.diff(np.append(self._col_starts, self.width))
         self._acc = np.zeros(self.width, np.uint64)
@@ -264,7 +265,7 @@ class LowRes:
             i += take
             if y + take == block_end:
                 sums = np.add.reduceat(self._acc, self._col_starts)
-                self.out[block] = sums / (self._col_counts * self._rows_in_block)
+                self.out[block] = np.rint(sums / (self._col_counts * self._rows_in_block))
                 self._acc[:] = 0
                 self._rows_in_block = 0
 
@@ -444,16 +445,20 @@ def write_geojson(path, collection: dict) -> Path:
 # overlay
 
 def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, color=TUMOR_COLOR, alpha: float = 0.45) -> np.ndarray:
-    """The thumbnail (h, w, 3) tinted with `color` where `mask` is set, tumour outlines drawn solid."""
+    """The thumbnail (h, w, 3) tinted with `color` where `mask` is set, tumour outlines drawn solid.
+    Integer arithmetic, a band of rows at a time (temporaries stay small for large thumbnails)."""
     if thumbnail.shape[:2] != mask.shape:
         raise ConfigError(f"thumbnail {thumbnail.shape[:2]} and mask {mask.shape} differ in size")
     mask = mask.astype(bool)
-    out = thumbnail.astype(np.float32)
-    c = np.asarray(color, np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * c
+    out = np.array(thumbnail[..., :3], np.uint8, copy=True)
+    a = int(round(alpha * 256))
+    c = np.asarray(color, np.uint16) * a + 128
     edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
-    out[edge] = c
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    for r in range(0, len(out), 256):
+        band, m = out[r:r + 256], mask[r:r + 256]
+        band[m] = ((band[m].astype(np.uint16) * (256 - a) + c) >> 8).astype(np.uint8)
+        band[edge[r:r + 256]] = color
+    return out
 
 
 def write_overlay_png(path, thumbnail: np.ndarray, mask: np.ndarray, max_side: int = 2048) -> Path:

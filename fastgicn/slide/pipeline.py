@@ -442,7 +442,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
 
         # polygons and overlay from the reduced mask
         t0 = time.perf_counter()
-        low = summary.result() >= 127.5  # at least half of the block is tumour
+        low = summary.result() >= 128  # at least half of the block is tumour
         polygons = mask_to_polygons(low, min_pixels=min_polygon_pixels)
         scale = f * ds
         collection = geojson_features(polygons, scale, clip=tuple(float(v) for v in src.dimensions),
@@ -519,17 +519,19 @@ def _finish(runner: _Runner, stitcher: Stitcher, x, indices, rejected) -> float:
 
 
 def _block_majority(mask: np.ndarray, k: int) -> np.ndarray:
+    """k x k blocks of a bool mask -> True where at least half of the block's pixels (edge blocks: of the
+    pixels they have) are set. One block row at a time, so temporaries stay small."""
     if k == 1:
         return mask
     h, w = mask.shape
-    H, W = -(-h // k), -(-w // k)
-    pad = np.zeros((H * k, W * k), np.float32)
-    cnt = np.zeros_like(pad)
-    pad[:h, :w] = mask
-    cnt[:h, :w] = 1
-    s = pad.reshape(H, k, W, k).sum((1, 3))
-    c = cnt.reshape(H, k, W, k).sum((1, 3))
-    return s >= 0.5 * c
+    cols = np.arange(0, w, k)
+    col_counts = np.diff(np.append(cols, w))
+    out = np.empty((len(range(0, h, k)), len(cols)), bool)
+    for i, r in enumerate(range(0, h, k)):
+        band = mask[r:r + k]
+        sums = np.add.reduceat(band.sum(axis=0, dtype=np.int32), cols)
+        out[i] = 2 * sums >= col_counts * len(band)
+    return out
 
 
 def peak_rss_mb() -> float | None:

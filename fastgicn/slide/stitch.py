@@ -16,10 +16,12 @@ on the whole image (tests/test_stitch.py proves it). The first and last column a
 outer pixels (nothing else covers them); a tile whose neighbour is absent from the grid (glass) still crops or
 ramps towards it, so the absent tile's share of the overlap stays background (0), as if it had been predicted.
 
-Memory is bounded by a band of tile rows, not the image: tiles may arrive in any order, and as soon as no tile
-still to come can touch a row, that row is final and is passed to the `sink` with every row above it, in order.
-The band holds the rows from the first unfinished row down to the lowest row touched so far (about two tile
-rows when tiles arrive in grid order).
+Memory is bounded by a band of tile rows, not the image: as soon as no tile still to come can touch a row,
+that row is final and is passed to the `sink` with every row above it, in order. The band is two tiles high
+(`2 * tile_size` rows by the image width), enough for tiles arriving in grid order. Tiles may arrive in any
+order: one that lands below the band while a tile above is still missing is kept aside (a copy of the tile)
+until the band reaches it, so memory is the band plus the tiles that came out of order (the reader ring bounds
+how many can).
 """
 from __future__ import annotations
 
@@ -122,21 +124,27 @@ class Stitcher:
         self._cursor = 0
         self.flushed = 0  # rows [0, flushed) have gone to the sink
         # band buffer: rows [flushed, flushed + capacity)
-        cap = min(self.height, 2 * tile_size)
-        self._alloc(cap)
-        self.peak_band_rows = 0
+        self._alloc(min(self.height, 2 * tile_size))
+        self._deferred: dict[int, np.ndarray] = {}  # tiles that came too far ahead of the band
+        self.peak_deferred = 0
         self.tiles_added = 0
         self.tiles_skipped = 0
         self._closed = False
 
     # -- buffer -----------------------------------------------------------------------------------------
     def _alloc(self, cap: int) -> None:
+        self._band_rows = cap
         if self.mode == "crop":
             self._acc = np.zeros((cap, self.width), np.uint8)
             self._wsum = None
         else:
             self._acc = np.zeros((cap, self.width), np.float32)
             self._wsum = np.zeros((cap, self.width), np.float32)
+
+    @property
+    def peak_band_rows(self) -> int:
+        """Rows the band holds (fixed: two tiles, or the image height if smaller)."""
+        return self._band_rows
 
     @property
     def band_bytes(self) -> int:
@@ -149,21 +157,6 @@ class Stitcher:
         while self._cursor < n and self._done[self._order[self._cursor]]:
             self._cursor += 1
         return min(int(self._first_rows[self._cursor]), self.height) if self._cursor < n else self.height
-
-    def _ensure(self, bottom: int) -> None:
-        """Make room for image rows up to `bottom` (exclusive), growing the band when tiles arrive far ahead."""
-        cap = self._acc.shape[0]
-        if bottom - self.flushed <= cap:
-            return
-        self._flush_to(self._frontier())  # rows above every tile still to come (glass gaps) are final
-        if bottom - self.flushed <= cap:
-            return
-        new_cap = max(bottom - self.flushed, 2 * cap)
-        old_acc, old_w = self._acc, self._wsum
-        self._alloc(min(new_cap, self.height))
-        self._acc[:cap] = old_acc
-        if old_w is not None:
-            self._wsum[:cap] = old_w
 
     def _weights(self, i: int) -> np.ndarray:
         key = (self._ov_x[i], self._ov_y[i])
@@ -179,22 +172,32 @@ class Stitcher:
         i = int(i)
         if not 0 <= i < len(self.xy):
             raise ConfigError(f"tile index {i} is outside the grid of {len(self.xy)} tiles")
-        if self._done[i]:
+        if self._done[i] or i in self._deferred:
             raise ConfigError(f"tile {i} at {tuple(self.xy[i])} was already stitched: give each tile once")
         if self._closed:
             raise ConfigError("the stitcher is closed: no more tiles can be added")
         return i
 
     def add(self, i: int, pixels: np.ndarray) -> None:
-        """Stitch tile `i` (a `tile_size` x `tile_size` uint8 array)."""
+        """Stitch tile `i` (a `tile_size` x `tile_size` uint8 array). A tile too far below the rows still
+        open is kept aside (a copy) until the band reaches it, so the band never grows."""
         i = self._check_index(i)
         t = self.tile_size
         if pixels.shape != (t, t):
             raise ConfigError(f"tile {i}: got pixels of shape {pixels.shape}, expected ({t}, {t})")
+        if self.rows[i, 1] - self.flushed > self._acc.shape[0]:
+            self._flush_to(self._frontier())  # rows above every tile still to come (glass gaps) are final
+        if self.rows[i, 1] - self.flushed > self._acc.shape[0]:
+            self._deferred[i] = np.array(pixels, np.uint8, copy=True)
+            self.peak_deferred = max(self.peak_deferred, len(self._deferred))
+            return
+        self._place(i, pixels)
+        self._finish(i)
+
+    def _place(self, i: int, pixels: np.ndarray) -> None:
         x, y = self.xy[i]
         (r0, r1), (c0, c1) = self.rows[i], self.cols[i]
         if r1 > r0 and c1 > c0:
-            self._ensure(r1)
             if r0 < self.flushed:  # cannot happen unless the frontier logic is broken
                 raise RuntimeError(f"tile {i} touches row {r0}, already flushed up to {self.flushed}")
             src = pixels[r0 - y:r1 - y, c0 - x:c1 - x]
@@ -206,7 +209,6 @@ class Stitcher:
                 self._acc[b0:b1, c0:c1] += src * w
                 self._wsum[b0:b1, c0:c1] += w
         self.tiles_added += 1
-        self._finish(i)
 
     def skip(self, i: int) -> None:
         """Tile `i` will not come (rejected as glass): its share of the image stays 0."""
@@ -216,8 +218,15 @@ class Stitcher:
 
     def _finish(self, i: int) -> None:
         self._done[i] = True
-        self.peak_band_rows = max(self.peak_band_rows, self._acc.shape[0])
-        self._flush_to(self._frontier())
+        while True:
+            self._flush_to(self._frontier())
+            cap = self._acc.shape[0]
+            ready = [j for j in self._deferred if self.rows[j, 1] - self.flushed <= cap]
+            if not ready:
+                return
+            for j in ready:
+                self._place(j, self._deferred.pop(j))
+                self._done[j] = True
 
     def _flush_to(self, row: int) -> None:
         count = row - self.flushed
