@@ -127,6 +127,21 @@ def cmd_segment(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args) -> int:
+    from .engine.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out, fmt=args.format, size=args.size,
+                             precision=args.precision, batch_size=args.batch_size)
+    print(f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgicn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by train")
     p.add_argument("-o", "--out", type=Path, default=Path("runs/train"))
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (standard ops) or a TensorRT engine")
+    p.add_argument("checkpoint", type=Path, help="a .pt checkpoint written by `fastgicn train`")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output file (.onnx or .engine)")
+    p.add_argument("--size", type=int, default=None, help="tile side (default: the checkpoint's tile size)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default fp32 for ONNX, fp16 for TensorRT")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="TensorRT: batch the engine is tuned for and its maximum (default: checkpoint's)")
+    p.set_defaults(func=cmd_export)
+
+    # every argument after `bench` goes to python -m fastgicn.bench untouched (no option parsing here)
+    p = sub.add_parser("bench", help="benchmark the engine backends (python -m fastgicn.bench; -h for its flags)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("bench_args", nargs="*")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="parameters and GMACs of each model beside the paper's figures")
     p.add_argument("--side", type=int, default=512)
