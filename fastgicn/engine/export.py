@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import OrderedDict
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,10 @@ META_PREFIX = "fastgicn."
 # PyTorch fallbacks that only a PyTorch-built runtime could run.
 FORBIDDEN_OPS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ATen", "PythonOp"}
 STANDARD_DOMAINS = {"", "ai.onnx"}
+# Exported graphs by (weights hash, size, precision, opset, device type): engines built again for the same model
+# in one process (auto's candidates, the bench, tests) skip the tracing, which dominates building a small model.
+_EXPORT_CACHE: "OrderedDict[tuple, bytes]" = OrderedDict()
+_EXPORT_CACHE_BYTES = 256 << 20
 
 
 def _require_onnx():
@@ -76,6 +81,14 @@ def export_onnx(model: nn.Module, path=None, *, size=512, precision: str = "fp32
         device = "cuda" if precision != "fp32" and torch.cuda.is_available() else "cpu"
     ref = reference_copy(model)
     fingerprint = model_fingerprint(ref)
+    key = (fingerprint, h, w, precision, opset, torch.device(device).type)
+    data = _EXPORT_CACHE.get(key)
+    if data is not None:
+        _EXPORT_CACHE.move_to_end(key)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(data)
+        return data
     wrapper = _OnnxWrapper(ref.to(device, dtype).eval(), dtype).eval()
     example = torch.zeros(1, 3, h, w, device=device)
     buf = io.BytesIO()
@@ -106,6 +119,10 @@ def export_onnx(model: nn.Module, path=None, *, size=512, precision: str = "fp32
     except Exception as exc:
         raise EngineBuildError(f"exported ONNX graph fails onnx.checker: {exc}") from exc
     data = proto.SerializeToString()
+    if len(data) <= _EXPORT_CACHE_BYTES // 4:
+        _EXPORT_CACHE[key] = data
+        while sum(len(v) for v in _EXPORT_CACHE.values()) > _EXPORT_CACHE_BYTES:
+            _EXPORT_CACHE.popitem(last=False)
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
