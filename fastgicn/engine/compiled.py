@@ -65,6 +65,8 @@ class CompiledBackend(Backend):
                                      "backend='torch' or 'onnxruntime'")
         self.compile_backend = compile_backend
         self.channels_last = channels_last
+        if on_gpu:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its convolution algorithms
         self.model = reference_copy(model)
         self.triton_used = False
         if triton is None:

@@ -178,8 +178,9 @@ class OnnxRuntimeBackend:
         if seg is None:
             from .export import export_onnx
 
+            # trace 16-bit graphs on the GPU when there is one (CPU fp16 convolutions are a slow fallback)
             data = export_onnx(self._model, size=tuple(size), precision=self.precision, opset=self.opset,
-                               device="cpu")
+                               device=self.device if self.device.type == "cuda" else "cpu")
             seg = OnnxSegmenter(data, self.providers, threads=self.threads)
             self._sessions[tuple(size)] = seg
         return seg

@@ -239,7 +239,8 @@ class TensorRTBackend:
         self.cache_dir = cache_dir
         self.workspace_gib = workspace_gib
         self._trt = trt
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime and its engines
+        self._runtime = trt.Runtime(self._logger)
         self._engines: dict[tuple[int, int], tuple] = {}
         self.build_info: dict[tuple[int, int], dict] = {}
         typing_mode = ("strongly typed network, precision in the ONNX graph" if uses_strong_typing(trt.__version__)
