@@ -252,7 +252,9 @@ class LowRes:
         if y0 != self._next:
             raise ConfigError(f"LowRes rows must come in order: got {y0}, expected {self._next}")
         self._next += len(rows)
-        self.count += int(np.count_nonzero(rows >= self.count_threshold))
+        blank = not rows.any()  # glass gaps: nothing to count or add, only the bookkeeping
+        if not blank:
+            self.count += int(np.count_nonzero(rows >= self.count_threshold))
         i = 0
         f = self.factor
         while i < len(rows):
@@ -260,7 +262,8 @@ class LowRes:
             block = y // f
             block_end = min((block + 1) * f, self.height)
             take = min(len(rows) - i, block_end - y)
-            self._acc += rows[i:i + take].sum(axis=0, dtype=np.uint64)
+            if not blank:
+                self._acc += rows[i:i + take].sum(axis=0, dtype=np.uint64)
             self._rows_in_block += take
             i += take
             if y + take == block_end:

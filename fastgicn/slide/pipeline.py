@@ -394,8 +394,11 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
 
         def sink(y0: int, rows: np.ndarray) -> None:
             s0 = time.perf_counter()
-            label = rows >= 128
-            label_u8 = label.view(np.uint8) * np.uint8(255)
+            if rows.any():
+                label = rows >= 128
+                label_u8 = label.view(np.uint8) * np.uint8(255)
+            else:  # rows of glass between tissue: no need to threshold zeros
+                label, label_u8 = rows.view(bool), rows
             prob_writer.write_rows(y0, rows)
             mask_writer.write_rows(y0, label_u8)
             summary.add(y0, label_u8)
@@ -407,7 +410,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         bar = Progress(len(candidates), stem, enabled=progress)
         batches = BatchRing(src, candidates, level=level, tile_size=t, batch_size=config.batch_size,
                             threads=threads, ring=ring, min_tissue_fraction=config.min_tissue_fraction,
-                            white_threshold=config.white_threshold)
+                            white_threshold=config.white_threshold, pin=device.type == "cuda")
         stitch_seconds = 0.0
         t_loop = time.perf_counter()
         with batches:

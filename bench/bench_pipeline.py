@@ -1,0 +1,336 @@
+"""Benchmark the whole-slide pipeline: seconds per stage, tiles/s, peak RSS, reader throughput.
+
+Three parts, each measurement in its own child process (peak RSS is per process):
+
+1. ``real``: a synthetic slide written as an SVS file (`write_synthetic_slide`) and segmented through OpenSlide
+   with `segment_slide`, Dice against its ground-truth mask; the report's seconds per stage and tiles/s.
+2. ``read``: the batch ring alone on that file (no model), 512-pixel tiles at level 0: tiles/s for 1, 2 and 4
+   reader threads with one shared OpenSlide handle or one handle per thread (best of --repeats).
+3. ``sparse``: canvases of growing area (default 20,000^2, 40,000^2 and 100,000^2 level-0 pixels) of glass
+   holding the same few synthetic tissue cores (a tissue-microarray-like layout), served by an in-memory
+   virtual slide. The tissue, hence the network's work, is the same for every size while the outputs (two
+   pyramidal TIFFs of the whole canvas), the stitching band and the summaries grow with the canvas: peak RSS
+   must not grow with the area. (Writing a dense 100,000^2 synthetic slide file takes hours on 2 cores, and
+   segmenting its 35 % of tissue would take longer; this is what fits on a small CPU machine.)
+
+    python bench/bench_pipeline.py                       # all three, ~10 minutes on 2 CPU cores
+    python bench/bench_pipeline.py --parts sparse --sparse-sizes 20000 100000
+
+Model: the demo weights when installed (their tile config: 256-pixel tiles, overlap 32, 0.5 um/px), else a
+randomly initialised resnet50_gicn_gpp(width=0.125) with the same tile config. Results: bench/results/
+pipeline_cpu.json (or --json), with the machine, versions and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS every `interval` seconds (ru_maxrss alone cannot say when the peak happened)."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.peak_kib, self.samples = interval, 0, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
+            self.samples += 1
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _model(weights: str | None):
+    import torch
+
+    from fastgicn.config import TileConfig
+    from fastgicn.models import create_model
+    from fastgicn.slide.pipeline import DEMO_WEIGHTS
+    from fastgicn.train import load_checkpoint, model_from_checkpoint
+
+    path = Path(weights) if weights else DEMO_WEIGHTS
+    if path.is_file():
+        payload = load_checkpoint(path)
+        return model_from_checkpoint(payload), TileConfig.from_dict(payload["tile_config"]), str(path)
+    torch.manual_seed(0)
+    model = create_model("resnet50_gicn_gpp", width=0.125).eval()
+    return model, TileConfig(tile_size=256, overlap=32, target_mpp=0.5, batch_size=8), "random init (no demo weights)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# a virtual tissue-sparse slide
+
+def sparse_slide_class():
+    import numpy as np
+
+    from fastgicn import _tiler
+    from fastgicn.slide.reader import Slide
+
+    glass = np.array([243, 243, 246], np.uint8)
+
+    class SparseSlide(Slide):
+        """`width` x `height` of glass (RGB 243, 243, 246) with copies of one tissue patch at `positions`
+        (level-0 corners, multiples of 2^levels). Levels halve down to 1/2^(levels-1); each level holds
+        the patch once, block-averaged, so memory is the patch pyramid whatever the canvas size."""
+
+        def __init__(self, width, height, patch, positions, mpp=0.25, levels=7):
+            super().__init__()
+            self.path, self.name, self.vendor = None, f"sparse {width}x{height}", "virtual"
+            self.level_downsamples = tuple(float(2 ** k) for k in range(levels))
+            self.level_dimensions = tuple((-(-width // 2 ** k), -(-height // 2 ** k)) for k in range(levels))
+            self.mpp_xy, self.objective_power, self.properties = (mpp, mpp), None, {}
+            self.positions = [(int(x), int(y)) for x, y in positions]
+            self.patches = [patch]
+            for _ in range(1, levels):
+                p = self.patches[-1]
+                h2, w2 = p.shape[0] // 2 * 2, p.shape[1] // 2 * 2
+                q = p[:h2, :w2].reshape(h2 // 2, 2, w2 // 2, 2, 3).astype(np.uint16).sum((1, 3))
+                self.patches.append(((q + 2) // 4).astype(np.uint8))
+
+        def _read(self, out, l0_x, l0_y, level, threshold):
+            ds = 2 ** level
+            h, w = out.shape[:2]
+            x0, y0 = l0_x // ds, l0_y // ds
+            W, H = self.level_dimensions[level]
+            out[...] = 255
+            cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+            if cx1 > cx0 and cy1 > cy0:
+                out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = glass
+            p = self.patches[level]
+            for px, py in self.positions:
+                px, py = px // ds, py // ds
+                ax0, ay0 = max(px, x0, 0), max(py, y0, 0)
+                ax1, ay1 = min(px + p.shape[1], x0 + w, W), min(py + p.shape[0], y0 + h, H)
+                if ax1 > ax0 and ay1 > ay0:
+                    out[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0] = p[ay0 - py:ay1 - py, ax0 - px:ax1 - px]
+            return int(round(_tiler.white_fraction(out, threshold) * h * w))
+
+    return SparseSlide
+
+
+# ---------------------------------------------------------------------------------------------------
+# children
+
+def child_real(args) -> dict:
+    from fastgicn.slide.pipeline import segment_slide, peak_rss_mb
+
+    model, config, weights = _model(args.weights)
+    rss0 = _status_kib("VmRSS")
+    sampler = RssSampler()
+    sampler.start()
+    with tempfile.TemporaryDirectory(dir=args.tmp) as out:
+        res = segment_slide(args.slide, out, model, config, truth=args.truth, threads=args.threads,
+                            handles=args.handles, progress=False, weights=weights)
+    sampler.stop()
+    rep = res.report
+    return {"slide": args.slide, "weights": weights, "config": config.to_dict(), "tiles": rep["tiles"],
+            "seconds": rep["seconds"], "tiles_per_second": rep["tiles_per_second"], "dice": rep["dice"],
+            "tumour_area_mm2": rep["tumour"]["area_mm2"], "tissue_area_mm2": rep["tissue"]["area_mm2"],
+            "rss_mb": {"before_segment": rss0 / 1024, "peak_sampled": sampler.peak_kib / 1024,
+                       "ru_maxrss": peak_rss_mb()}}
+
+
+def child_read(args) -> dict:
+    from fastgicn.slide import open_slide, tissue_tiles
+    from fastgicn.slide.batches import BatchRing
+    from fastgicn.slide.grid import read_level_for
+
+    from fastgicn.config import TileConfig
+
+    # level 0 and the paper's 512-pixel tiles: the most pixels per tile OpenSlide decodes
+    config = TileConfig(tile_size=args.read_tile, level=0, batch_size=8)
+    rows = []
+    for handles in ("shared", "per_thread"):
+        for threads in (1, 2, 4):
+            slide = open_slide(args.slide, handles=handles)
+            try:
+                level = read_level_for(slide, config)
+                tiles = tissue_tiles(slide, config, read=False)
+                best = None
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    n = 0
+                    with BatchRing(slide, tiles, level=level, tile_size=config.tile_size,
+                                   batch_size=config.batch_size, threads=threads) as ring:
+                        for b in ring:
+                            n += len(b) + len(b.rejected)
+                    dt = time.perf_counter() - t0
+                    best = dt if best is None else min(best, dt)
+                rows.append({"handles": handles, "threads": threads, "tiles": n, "seconds": best,
+                             "tiles_per_second": n / best,
+                             "megapixels_per_second": n * config.tile_size ** 2 / best / 1e6})
+            finally:
+                slide.close()
+    return {"slide": args.slide, "tile_size": config.tile_size, "repeats": args.repeats, "rows": rows}
+
+
+def child_sparse(args) -> dict:
+    import numpy as np
+
+    from fastgicn.slide.pipeline import segment_slide, peak_rss_mb
+    from fastgicn.synth import SyntheticSlide
+
+    model, config, weights = _model(args.weights)
+    core = args.core
+    patch, _ = SyntheticSlide(core, core, seed=7).render(0, 0, core, core)
+    size = args.size
+    step = 64 * 2 ** 6
+    # cores spread over the canvas (same count for every size): a 2 x 2 layout around the centre
+    positions = [((size // 4 + i * size // 2 - core // 2) // step * step,
+                  (size // 4 + j * size // 2 - core // 2) // step * step) for j in range(2) for i in range(2)]
+    SparseSlide = sparse_slide_class()
+    slide = SparseSlide(size, size, patch, positions)
+    rss0 = _status_kib("VmRSS")
+    sampler = RssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.tmp) as out:
+        res = segment_slide(slide, out, model, config,
+                            name=f"sparse{size}", threads=args.threads, progress=False, weights=weights)
+        sizes = {k: Path(p).stat().st_size for k, p in res.outputs.items()}
+    wall = time.perf_counter() - t0
+    sampler.stop()
+    rep = res.report
+    return {"canvas": [size, size], "cores": len(positions), "core_side": core, "weights": weights,
+            "config": config.to_dict(), "read_level_dimensions": rep["read"]["dimensions"],
+            "tiles": rep["tiles"], "seconds": rep["seconds"], "wall_seconds": wall,
+            "tiles_per_second": rep["tiles_per_second"], "output_bytes": sizes,
+            "stitch_band_rows_peak": rep["memory"]["stitch_band_rows_peak"],
+            "summary_downsample": rep["memory"]["summary_downsample"],
+            "rss_mb": {"before_segment": rss0 / 1024, "peak_sampled": sampler.peak_kib / 1024,
+                       "ru_maxrss": peak_rss_mb(), "samples": sampler.samples}}
+
+
+def run_child(argv: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--child"] + argv
+    print("  $", " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import numpy as np
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "openslide": __import__("openslide").__library_version__,
+            "load_average_at_start": os.getloadavg()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", choices=["real", "read", "sparse"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parts", nargs="+", choices=["real", "read", "sparse"], default=["real", "read", "sparse"])
+    p.add_argument("--real-size", type=int, default=8192, help="side of the synthetic SVS (level-0 pixels)")
+    p.add_argument("--sparse-sizes", type=int, nargs="+", default=[20000, 40000, 100000])
+    p.add_argument("--core", type=int, default=2048, help="side of each tissue core in the sparse canvases")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--handles", default="shared")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--read-tile", type=int, default=512, help="tile side for the reader benchmark (level 0)")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--tmp", default=None, help="directory for slides and outputs (default: the system's)")
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "pipeline_cpu.json")
+    # child-only
+    p.add_argument("--slide", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--truth", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        result = {"real": child_real, "read": child_read, "sparse": child_sparse}[args.child](args)
+        print(json.dumps(result))
+        return
+
+    started = time.time()
+    record = {"what": "whole-slide pipeline on CPU: seconds per stage, tiles/s, peak RSS, reader throughput",
+              "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+              "machine": machine(), "parts": {}}
+    common = ["--threads", str(args.threads)] + (["--weights", args.weights] if args.weights else []) + \
+        (["--tmp", args.tmp] if args.tmp else [])
+    with tempfile.TemporaryDirectory(dir=args.tmp) as work:
+        if "real" in args.parts or "read" in args.parts:
+            from fastgicn.synth import write_synthetic_slide
+
+            t0 = time.perf_counter()
+            slide, mask = write_synthetic_slide(Path(work) / f"synthetic_{args.real_size}.svs", args.real_size,
+                                                args.real_size, seed=11)
+            record["synthetic_slide"] = {"size": [args.real_size, args.real_size], "seed": 11,
+                                         "write_seconds": time.perf_counter() - t0, "bytes": slide.stat().st_size}
+            print(f"wrote {slide} in {record['synthetic_slide']['write_seconds']:.1f} s", flush=True)
+            if "real" in args.parts:
+                record["parts"]["real"] = run_child(["real", "--slide", str(slide), "--truth", str(mask),
+                                                     "--handles", args.handles] + common, args.timeout)
+                print(json.dumps(record["parts"]["real"].get("seconds")), flush=True)
+            if "read" in args.parts:
+                record["parts"]["read"] = run_child(["read", "--slide", str(slide), "--repeats",
+                                                     str(args.repeats), "--read-tile", str(args.read_tile)]
+                                                    + common, args.timeout)
+                for row in record["parts"]["read"].get("rows", []):
+                    print(f"  read {row['handles']:>10} x{row['threads']}: {row['tiles_per_second']:.0f} tiles/s",
+                          flush=True)
+        if "sparse" in args.parts:
+            rows = []
+            for size in args.sparse_sizes:
+                r = run_child(["sparse", "--size", str(size), "--core", str(args.core)] + common, args.timeout)
+                rows.append(r)
+                if "rss_mb" in r:
+                    print(f"  sparse {size}^2: {r['tiles']['segmented']} tiles, {r['wall_seconds']:.0f} s, peak RSS "
+                          f"{r['rss_mb']['peak_sampled']:.0f} MB (before segmenting {r['rss_mb']['before_segment']:.0f}"
+                          f" MB), band {r['stitch_band_rows_peak']} rows", flush=True)
+                else:
+                    print(f"  sparse {size}^2 failed: {r.get('error', '')[-500:]}", flush=True)
+            record["parts"]["sparse"] = rows
+            ok = [r for r in rows if "rss_mb" in r]
+            if len(ok) >= 2:
+                a, b = ok[0], ok[-1]
+                record["parts"]["sparse_summary"] = {
+                    "area_ratio": (b["canvas"][0] * b["canvas"][1]) / (a["canvas"][0] * a["canvas"][1]),
+                    "peak_rss_ratio": b["rss_mb"]["peak_sampled"] / a["rss_mb"]["peak_sampled"],
+                    "peak_rss_growth_mb": b["rss_mb"]["peak_sampled"] - a["rss_mb"]["peak_sampled"],
+                    "note": "peak RSS includes the model, torch and the tissue cores held by the virtual slide; the "
+                            "stitch band and the TIFF writers' bands grow with the canvas width, not its area"}
+    record["total_seconds"] = time.time() - started
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {args.json} ({record['total_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
