@@ -378,13 +378,14 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         # sinks of the stitched rows
         f = lowres_factor(width, height, summary_max_side)
         summary = LowRes(width, height, f)
-        desc = f"fastgicn {__version__} tumour probability of {Path(str(stem)).name} (uint8, 255 = p 1.0)"
+        what = f"of {stem} by fastgicn {__version__}, {getattr(model, 'model_name', type(model).__name__)}"
         prob_writer = PyramidBandWriter(paths["probability"], width, height, mpp=out_mpp, tile=tiff_tile,
-                                        compression="deflate", downsample="mean", description=desc)
+                                        compression="deflate", downsample="mean",
+                                        description=f"tumour probability {what} (uint8: 255 is p = 1)")
         stack.callback(prob_writer.abort)  # no-op once closed
         mask_writer = PyramidBandWriter(paths["mask"], width, height, mpp=out_mpp, tile=tiff_tile,
                                         compression="deflate", downsample="majority",
-                                        description=desc.replace("probability", "mask") + ", 255 = tumour")
+                                        description=f"tumour mask {what} (0 normal or glass, 255 tumour)")
         stack.callback(mask_writer.abort)
         dice = None
         if truth is not None:
