@@ -224,3 +224,25 @@ def test_progress_line():
     silent = io.StringIO()
     Progress(10, "slide", stream=silent).update(3)  # not a terminal: silent by default
     assert silent.getvalue() == ""
+
+
+def test_a_read_error_midway_leaves_no_thread_handle_or_file(tmp_path):
+    from fastgicn.errors import SlideError
+    from fastgicn.slide.reader import ImageSlide
+
+    class FailsLater(ImageSlide):
+        reads = 0
+
+        def _read(self, out, l0_x, l0_y, level, threshold):
+            FailsLater.reads += 1
+            if FailsLater.reads > 12:
+                raise SlideError("flaky.svs: reading failed halfway (test)")
+            return super()._read(out, l0_x, l0_y, level, threshold)
+
+    slide = FailsLater(tissue_image(256, 384, seed=3), name="flaky.svs")
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SlideError, match="flaky.svs"):
+        segment_slide(slide, tmp_path, LocalModel(), TileConfig(tile_size=64, batch_size=2,
+                                                               tissue_prefilter=False), progress=False)
+    assert list(tmp_path.iterdir()) == []  # TIFF writers aborted, their temporaries removed
+    assert not fastgicn_threads() and len(os.listdir("/proc/self/fd")) == fds
