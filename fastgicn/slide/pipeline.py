@@ -570,6 +570,8 @@ def demo_slide(out_dir, size: tuple[int, int] = DEMO_SIZE, seed: int = 0, log=No
     mask = slide.with_name(slide.stem + ".mask.tif")
     if slide.is_file() and mask.is_file():
         return slide, mask
+    for p in (slide, mask):  # what a killed run left half-written
+        remove_partials(out_dir, p.name)
     if log:
         log(f"making a synthetic slide {slide} ({size[0]} x {size[1]} pixels, seed {seed}) and its mask")
     return write_synthetic_slide(slide, size[0], size[1], seed=seed)
