@@ -7,7 +7,9 @@
     use_reference(model)     # back to the reference modules, e.g. before ONNX export or training
 
 The kernels run on CUDA tensors; with TRITON_INTERPRET=1 set before this package is first imported they run
-(about 10,000x slower) on CPU tensors, which is how the tests check them without a GPU.
+(about 10,000x slower) on CPU tensors, which is how the tests check them without a GPU. The interpreter does not
+compile them: `python -m fastgicn.kernels.compile_report` compiles every kernel for sm_80 / sm_90 on a CPU and
+reports shared memory, registers and spills.
 """
 from __future__ import annotations
 

@@ -2,9 +2,12 @@
 
 Design (why two kernels and not one):
   stage 1 `_gicn_stage1_kernel` - the first convolution of BOTH branches (a_row: 1xk, b_col: kx1) as one implicit
-      GEMM over a 2-D pixel tile: for each C_in chunk the program loads the input tile at the 2k tap shifts (the
-      shifted tiles overlap, so after the first one they are L1 hits: the input is read from DRAM once for both
-      branches) and accumulates two [pixels x C_out] fp32 accumulators with tl.dot. It writes the 2 x C_out fp32
+      GEMM over a 2-D pixel tile: one flat loop over (C_in chunk, tap), taps innermost, loads the input tile at
+      the tap's column shift (branch A) and row shift (branch B) and accumulates two [pixels x C_out] fp32
+      accumulators with tl.dot. Consecutive iterations read overlapping tiles of the same channels, so after a
+      chunk's first tap they hit L1/L2 and DRAM sees the input about once for both branches (the cuDNN sequence
+      reads it once per branch). An unrolled tap loop would keep 2k tiles live: 147 KB of shared memory and
+      register spills at k = 7 on sm_90, which is why the loop is flat. It writes the 2 x C_out fp32
       intermediates (without bias) to a small scratch buffer. When the grid is too small to fill the GPU (batch 1
       at Res-5: 4096 pixels) the C_in reduction is split across programs that atomically add (split-K).
   stage 2 `_gicn_stage2_kernel` - the second convolutions (a_col: kx1 on branch A, b_row: 1xk on branch B), the
@@ -15,7 +18,7 @@ Design (why two kernels and not one):
   input). A single fused kernel would have to recompute stage-1 halos ((T + k - 1) / T extra work on the dominant
   term, 1.4x for 16-pixel tiles at k = 7) or synchronise across programs; both cost more than the round trip.
 
-Any k in 1..15 (odd), any C_in / H / W, C_out up to 128, any strides (NCHW and channels-last read in place),
+Any k in 1..15 (odd), any C_in / H / W, C_out up to 64, any strides (NCHW and channels-last read in place),
 float32 / float16 (and bfloat16 on a GPU). Public entry: `gicn_forward(x, gicn_module)`; `TritonGICN` wraps it as a
 module holding the reference module's own convolutions (same state_dict keys).
 """
@@ -34,7 +37,7 @@ from fastgicn.models.gicn import GICN, MAX_K
 
 from ._common import (check_input, check_params, dot_precision, next_pow2, output_like, params_key, sm_count)
 
-MAX_C_OUT = 128
+MAX_C_OUT = 64   # two C_out-wide fp32 accumulators per program; 128 spills registers in stage 2 (sm90)
 
 
 @triton.jit
@@ -68,33 +71,28 @@ def _gicn_stage1_kernel(
     acc_b = tl.zeros((BLOCK_M, CO_PAD), dtype=tl.float32)
     c_lo = pid_k * k_per_split
     c_hi = tl.minimum(c_lo + k_per_split, C_in)
-    for c0 in range(c_lo, c_hi, BLOCK_K):
-        cc = c0 + offs_k
+    # One flat loop over (C_in chunk, tap), taps innermost: the 2 shifted tiles of consecutive iterations overlap,
+    # so after a chunk's first tap its data comes from L1, and DRAM sees the input once. A flat loop (not an
+    # unrolled tap loop) keeps only one iteration's tiles live, which the software pipeliner can multi-buffer.
+    n_iter = tl.cdiv(c_hi - c_lo, BLOCK_K) * KS
+    for it in range(0, n_iter):
+        j = it % KS
+        cc = c_lo + (it // KS) * BLOCK_K + offs_k
         c_ok = cc < c_hi
         x_c = x_img + cc[None, :] * sxc
-        w_c = cc[:, None] * CO_PAD + offs_co[None, :]
-        # The centre tap is the same unshifted tile for both branches: load it once.
-        xc = tl.load(x_c + hh[:, None] * sxh + ww[:, None] * sxw,
-                     mask=(row_ok & col_ok)[:, None] & c_ok[None, :], other=0.0)
-        for j in tl.static_range(KS):
-            wa = tl.load(wa_ptr + j * C_in * CO_PAD + w_c, mask=c_ok[:, None], other=0.0)
-            wb = tl.load(wb_ptr + j * C_in * CO_PAD + w_c, mask=c_ok[:, None], other=0.0)
-            if j == PAD:
-                acc_a = tl.dot(xc, wa, acc_a, input_precision=PRECISION)
-                acc_b = tl.dot(xc, wb, acc_b, input_precision=PRECISION)
-            else:
-                # branch A (1 x k): tap j reads column w + j - PAD of the same row
-                ws = ww + (j - PAD)
-                ok_a = row_ok & (ws >= 0) & (ws < W)
-                xa = tl.load(x_c + hh[:, None] * sxh + ws[:, None] * sxw,
-                             mask=ok_a[:, None] & c_ok[None, :], other=0.0)
-                acc_a = tl.dot(xa, wa, acc_a, input_precision=PRECISION)
-                # branch B (k x 1): tap j reads row h + j - PAD of the same column
-                hs = hh + (j - PAD)
-                ok_b = col_ok & (hs >= 0) & (hs < H)
-                xb = tl.load(x_c + hs[:, None] * sxh + ww[:, None] * sxw,
-                             mask=ok_b[:, None] & c_ok[None, :], other=0.0)
-                acc_b = tl.dot(xb, wb, acc_b, input_precision=PRECISION)
+        w_c = (j * C_in + cc)[:, None] * CO_PAD + offs_co[None, :]
+        # branch A (1 x k): tap j reads column w + j - PAD of the same row
+        ws = ww + (j - PAD)
+        ok_a = row_ok & (ws >= 0) & (ws < W)
+        xa = tl.load(x_c + hh[:, None] * sxh + ws[:, None] * sxw, mask=ok_a[:, None] & c_ok[None, :], other=0.0)
+        wa = tl.load(wa_ptr + w_c, mask=c_ok[:, None], other=0.0)
+        acc_a = tl.dot(xa, wa, acc_a, input_precision=PRECISION)
+        # branch B (k x 1): tap j reads row h + j - PAD of the same column
+        hs = hh + (j - PAD)
+        ok_b = col_ok & (hs >= 0) & (hs < H)
+        xb = tl.load(x_c + hs[:, None] * sxh + ww[:, None] * sxw, mask=ok_b[:, None] & c_ok[None, :], other=0.0)
+        wb = tl.load(wb_ptr + w_c, mask=c_ok[:, None], other=0.0)
+        acc_b = tl.dot(xb, wb, acc_b, input_precision=PRECISION)
 
     # scratch layout: [N, H, W, 2, CO_PAD] fp32 (branch A then branch B, channels contiguous)
     pix = (n.to(tl.int64) * H + hh) * W + ww
@@ -136,7 +134,7 @@ def _gicn_stage2_kernel(
     w_off = offs_co[:, None] * CO_PAD + offs_co[None, :]
 
     acc = tl.zeros((BLOCK_M, CO_PAD), dtype=tl.float32)
-    for i in tl.static_range(KS):
+    for i in range(KS):   # a runtime loop: an unrolled one keeps 2k tiles live and spills at large k
         # branch A, second conv (k x 1): row h + i - PAD of the intermediate; zero outside the image
         hs = hh + (i - PAD)
         ok_a = col_ok & (hs >= 0) & (hs < H)
@@ -179,18 +177,36 @@ class GicnConfig:
             raise ConfigError(f"GicnConfig.split_k={self.split_k}: use 0 (automatic) or a positive count")
 
 
-def default_config(x: torch.Tensor, c_out: int, k: int) -> GicnConfig:
-    """Untuned defaults (no GPU has timed them yet): 128-pixel tiles, 32-channel K chunks; smaller tiles when
-    C_out is large (two C_out-wide fp32 accumulators per program) and fewer pipeline stages for long taps."""
-    _, _, h, w = x.shape
+def default_config(x, c_out: int, k: int, precision: str = "tf32") -> GicnConfig:
+    """Untuned defaults (no GPU has timed them yet; `bench/bench_gicn.py --sweep` does), chosen so that compiled
+    for sm_80 and sm_90 they fit in <= 64 KB of shared memory without register spills (checked by `python -m
+    fastgicn.kernels.compile_report`): 128-pixel tiles at C_out 32 (64 beyond, and for 3xTF32), K chunks of 64
+    channels for 16-bit inputs, 32 / 16 for fp32, 8 warps (4 for 3xTF32 at C_out 32), two pipeline stages.
+    `x` needs only .shape and .dtype."""
+    _, c_in, _, w = x.shape
     co_pad = max(16, next_pow2(c_out))
+    exact = x.dtype == torch.float32 and precision == "tf32x3"
     block_w = min(16, max(4, next_pow2(w)))
-    block_m = 128 if co_pad <= 64 else 64
+    block_m = 128 if (co_pad <= 32 and not exact) else 64
     block_h = max(1, block_m // block_w)
-    block_k = 64 if (x.element_size() == 2 and k <= 7) else 32
-    block_k = min(block_k, max(16, next_pow2(x.shape[1])))
-    return GicnConfig(block_h=block_h, block_w=block_w, block_k=block_k, num_warps=4,
-                      num_stages=2 if k <= 7 else 1)
+    if x.dtype.itemsize == 2:
+        block_k = 64
+    else:
+        block_k = 32 if (co_pad <= 32 and not exact) else 16
+    block_k = min(block_k, max(16, next_pow2(c_in)))
+    return GicnConfig(block_h=block_h, block_w=block_w, block_k=block_k,
+                      num_warps=4 if (exact and co_pad <= 32) else 8, num_stages=2)
+
+
+def stage2_blocks(co_pad: int, block_w: int, precision: str, sm90: bool = True) -> tuple[int, int, int]:
+    """(block_h, block_w, warps) of stage 2: 128 pixels at C_out 32, 64 at C_out 64, halved for 3xTF32; at
+    C_out 64 with 3xTF32, 64 pixels / 8 warps on sm_90 and 32 / 4 before (no spills either way)."""
+    if precision == "tf32x3" and co_pad >= 64:
+        block_m, warps = (64, 8) if sm90 else (32, 4)
+    else:
+        block_m, warps = (4096 // co_pad) // (2 if precision == "tf32x3" else 1), 4
+    block_w = min(block_w, block_m)
+    return max(1, block_m // block_w), block_w, warps
 
 
 def check_gicn_module(module: nn.Module) -> int:
@@ -268,7 +284,8 @@ def gicn_forward(x: torch.Tensor, module: nn.Module, config: GicnConfig | None =
     k = check_gicn_module(module)
     check_input(x, "gicn_forward input", module.a_row.in_channels)
     check_params(module, x, "gicn_forward")
-    cfg = config or default_config(x, module.a_row.out_channels, k)
+    precision = dot_precision(x.dtype, x.device)
+    cfg = config or default_config(x, module.a_row.out_channels, k, precision)
     cfg.check()
     p = _pack(module, x.dtype)
     n, c_in, h, w = x.shape
@@ -288,7 +305,6 @@ def gicn_forward(x: torch.Tensor, module: nn.Module, config: GicnConfig | None =
 
     alloc = torch.zeros if split > 1 else torch.empty
     t = alloc((n, h, w, 2, co_pad), dtype=torch.float32, device=x.device)
-    precision = dot_precision(x.dtype, x.device)
     _gicn_stage1_kernel[(programs, split)](
         x, p["wa"], p["wb"], t, c_in, h, w, *x.stride(), tiles_w, tiles_per_img, k_per_split,
         KS=k, CO_PAD=co_pad, BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_K=cfg.block_k,
@@ -296,10 +312,13 @@ def gicn_forward(x: torch.Tensor, module: nn.Module, config: GicnConfig | None =
     y = output_like(x, c_out)
     # stage 2 multiplies fp32 intermediates: for a 16-bit output TF32 is ample; for fp32 follow the policy
     precision2 = dot_precision(torch.float32, x.device, allow_tf32=True if x.dtype != torch.float32 else None)
-    _gicn_stage2_kernel[(programs,)](
-        t, p["wac"], p["wbr"], p["b1"], p["b2"], y, c_out, h, w, *y.stride(), tiles_w, tiles_per_img,
-        KS=k, CO_PAD=co_pad, BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, PRECISION=precision2,
-        num_warps=cfg.num_warps, num_stages=1)
+    sm90 = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    bh2, bw2, warps2 = stage2_blocks(co_pad, cfg.block_w, precision2, sm90)
+    tiles_w2 = triton.cdiv(w, bw2)
+    tiles_per_img2 = triton.cdiv(h, bh2) * tiles_w2
+    _gicn_stage2_kernel[(n * tiles_per_img2,)](
+        t, p["wac"], p["wbr"], p["b1"], p["b2"], y, c_out, h, w, *y.stride(), tiles_w2, tiles_per_img2,
+        KS=k, CO_PAD=co_pad, BLOCK_H=bh2, BLOCK_W=bw2, PRECISION=precision2, num_warps=warps2, num_stages=1)
     return y
 
 

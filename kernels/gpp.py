@@ -33,7 +33,7 @@ from fastgicn.models.gpp import GPP, POOL_MULTIPLES, pool_kernels
 from ._common import (check_input, check_params, dot_precision, is_channels_last, next_pow2, output_like,
                       params_key, sm_count)
 
-MAX_BINS = 1024
+MAX_BINS = 512   # [bins x pixels] membership and [bins x channels] accumulator per program
 LEVELS = len(POOL_MULTIPLES)
 
 
@@ -136,11 +136,12 @@ def _gpp_upsample_kernel(
     out_img = out_ptr + n.to(tl.int64) * son
     if cb < copy_blocks:
         # Res-5 into channels [0, C) of the concat
+        # (names differ from the other branch's: Triton wants one type per name across the two branches)
         cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = p_ok[:, None] & (cc < C)[None, :]
-        v = tl.load(x_ptr + n.to(tl.int64) * sxn + cc[None, :] * sxc + hh[:, None] * sxh + ww[:, None] * sxw,
-                    mask=ok)
-        tl.store(out_img + cc[None, :] * soc + hh[:, None] * soh + ww[:, None] * sow, v, mask=ok)
+        ok_copy = p_ok[:, None] & (cc < C)[None, :]
+        res5 = tl.load(x_ptr + n.to(tl.int64) * sxn + cc[None, :] * sxc + hh[:, None] * sxh + ww[:, None] * sxw,
+                       mask=ok_copy)
+        tl.store(out_img + cc[None, :] * soc + hh[:, None] * soh + ww[:, None] * sow, res5, mask=ok_copy)
     else:
         level = (cb - copy_blocks) // co_blocks
         co = ((cb - copy_blocks) % co_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -171,6 +172,22 @@ def _gpp_upsample_kernel(
         ch = C + level * C_out + co
         tl.store(out_img + ch[None, :] * soc + hh[:, None] * soh + ww[:, None] * sow,
                  v.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Block sizes, checked by compiling for sm_90 (`python -m fastgicn.kernels.compile_report`): no register spills.
+CONV_BLOCKS = (32, 64, 32)   # rows, output channels, K
+UP_BLOCKS = (32, 64)         # pixels, channels
+
+
+def pool_blocks(nb_pad: int, c: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(pixels, channels, warps) of a pooling program: the [bins x channels] fp32 accumulator and the
+    [bins x pixels] membership stay at <= 4K and 8K values; fp32 (3xTF32 splits both operands) takes 32 pixels
+    (16 at 512 bins); 8 warps from 256 bins. No spills on sm_80 / sm_90 (compile_report)."""
+    block_c = min(64, max(16, 4096 // nb_pad), max(16, next_pow2(c)))
+    block_p = min(128 if dtype != torch.float32 else 32, max(32, 8192 // nb_pad))
+    if dtype == torch.float32 and nb_pad >= 512:
+        block_p = 16
+    return block_p, block_c, 8 if nb_pad >= 256 else 4
 
 
 def check_gpp_module(module: nn.Module) -> None:
@@ -310,9 +327,7 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
     for kk, bh, bw, off in levels:
         inv_area[off:off + bh * bw] = 1.0 / (kk * kk)
     inv_area = inv_area.to(dev)
-    # the [bins x channels] fp32 accumulator stays at <= 8K values per program (64 registers a thread)
-    block_c = min(max(16, 8192 // nb_pad), 64, max(16, next_pow2(c)))
-    block_p = 64 if nb_pad >= 128 else 128
+    block_p, block_c, pool_warps = pool_blocks(nb_pad, c, x.dtype)
     c_blocks = triton.cdiv(c, block_c)
     npix = cov_h * cov_w
     split = pixel_split or max(1, min(triton.cdiv(2 * sm_count(dev), n * c_blocks), npix // (8 * block_p)))
@@ -324,15 +339,15 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
         x, inv_area, pooled, c, cov_h, cov_w, *x.stride(), pix_per_split,
         *lv, levels[1][3], levels[2][3], levels[3][3],
         NB_PAD=nb_pad, BLOCK_P=block_p, BLOCK_C=block_c, ATOMIC=split > 1, PRECISION=pool_precision,
-        num_warps=4, num_stages=2)
+        num_warps=pool_warps, num_stages=2)
 
     # 2. 1x1 conv + folded BN + ReLU per level
     meta = torch.tensor([v for _, bh, bw, off in levels for v in (bh * bw, off)], dtype=torch.int32).to(dev)
     z = torch.empty((n, nb_pad, c_out), dtype=torch.float32, device=dev)
     max_rows = n * max(bh * bw for _, bh, bw, _ in levels)
-    block_r = min(64, max(16, next_pow2(max_rows)))
-    block_co = min(64, max(16, next_pow2(c_out)))
-    block_k = min(64, max(16, next_pow2(c)))
+    block_r = min(CONV_BLOCKS[0], max(16, next_pow2(max_rows)))
+    block_co = min(CONV_BLOCKS[1], max(16, next_pow2(c_out)))
+    block_k = min(CONV_BLOCKS[2], max(16, next_pow2(c)))
     _gpp_conv_kernel[(LEVELS, triton.cdiv(c_out, block_co), triton.cdiv(max_rows, block_r))](
         pooled, p["w"], p["shift"], z, meta, n, c, c_out,
         NB_PAD=nb_pad, BLOCK_R=block_r, BLOCK_CO=block_co, BLOCK_K=block_k, PRECISION=precision,
@@ -342,8 +357,7 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
     up = torch.tensor([v for kk, bh, bw, off in levels
                        for v in (bh, bw, off, np.float32(bh) / np.float32(h), np.float32(bw) / np.float32(w))],
                       dtype=torch.float32).to(dev)
-    block_pu = 64
-    block_cu = 64
+    block_pu, block_cu = UP_BLOCKS
     copy_blocks = triton.cdiv(c, block_cu) if copy else 0
     co_blocks = triton.cdiv(c_out, block_cu)
     _gpp_upsample_kernel[(n, triton.cdiv(h * w, block_pu), copy_blocks + LEVELS * co_blocks)](
