@@ -107,12 +107,28 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def params_key(module: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced, moved or modified in place (packed-weight cache key).
+def tensors_key(tensors) -> tuple:
+    """Changes whenever one of `tensors` is replaced, moved or modified in place (packed-weight cache key).
 
     Tensors created under torch.inference_mode() keep no version counter: for those only replacement is seen,
     so modify such weights by assigning new tensors, not in place (load_state_dict into a model built outside
     inference mode is fine).
     """
-    return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device, tuple(t.shape))
-                 for t in list(module.parameters()) + list(module.buffers()))
+    return tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version)
+                 for t in tensors)
+
+
+def check_grad(module_tensors, x: torch.Tensor, name: str) -> None:
+    """The autograd part of check_params alone (cheap when grad mode is off), for cache hits."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
+                                                           for t in module_tensors)):
+        raise ConfigError(f"{name}: the Triton kernels are forward-only and autograd is recording; run inference "
+                          "under torch.inference_mode() / torch.no_grad(), or train with the reference modules "
+                          "(fastgicn.kernels.use_reference(model))")
+
+
+def check_not_exporting(name: str) -> None:
+    """A traced or exported graph cannot hold a Triton launch: say how to export instead of failing deep inside."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        raise ConfigError(f"{name}: a Triton module cannot be traced or exported; call "
+                          "fastgicn.kernels.use_reference(model) first (same weights, standard ops)")

@@ -35,7 +35,8 @@ from torch import nn
 from fastgicn.errors import ConfigError
 from fastgicn.models.gicn import GICN, MAX_K
 
-from ._common import (check_input, check_params, dot_precision, next_pow2, output_like, params_key, sm_count)
+from ._common import (check_grad, check_input, check_not_exporting, check_params, dot_precision, next_pow2,
+                      output_like, sm_count, tensors_key)
 
 MAX_C_OUT = 64   # two C_out-wide fp32 accumulators per program; 128 spills registers in stage 2 (sm90)
 
@@ -246,12 +247,21 @@ def _bias(conv: nn.Conv2d, c_out: int, device) -> torch.Tensor:
     return conv.bias.detach().float()
 
 
-def _pack(module: nn.Module, dtype: torch.dtype) -> dict:
-    """Weights in the kernels' layouts, cached per module until a parameter changes."""
-    key = (params_key(module), dtype)
+def _tensors(module: nn.Module) -> list:
+    return [t for conv in (module.a_row, module.a_col, module.b_col, module.b_row) for t in (conv.weight, conv.bias)]
+
+
+def _pack(module: nn.Module, x: torch.Tensor) -> dict:
+    """Weights in the kernels' layouts, cached per module until a parameter is replaced or changed. A cache hit
+    skips the full parameter checks (device and dtype cannot change without replacing the tensor)."""
+    tensors = _tensors(module)
+    key = (tensors_key(tensors), x.dtype, x.device)
     hit = _PACK_CACHE.get(module)
     if hit is not None and hit[0] == key:
+        check_grad(tensors, x, "gicn_forward")
         return hit[1]
+    check_params(module, x, "gicn_forward")
+    dtype = x.dtype
     k = module.k
     c_in, c_out = module.a_row.in_channels, module.a_row.out_channels
     co_pad = max(16, next_pow2(c_out))
@@ -283,11 +293,10 @@ def gicn_forward(x: torch.Tensor, module: nn.Module, config: GicnConfig | None =
     """
     k = check_gicn_module(module)
     check_input(x, "gicn_forward input", module.a_row.in_channels)
-    check_params(module, x, "gicn_forward")
+    p = _pack(module, x)
     precision = dot_precision(x.dtype, x.device)
     cfg = config or default_config(x, module.a_row.out_channels, k, precision)
     cfg.check()
-    p = _pack(module, x.dtype)
     n, c_in, h, w = x.shape
     co_pad, c_out = p["co_pad"], p["c_out"]
 
@@ -347,6 +356,7 @@ class TritonGICN(nn.Module):
         return self._reference[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_not_exporting("TritonGICN")
         return gicn_forward(x, self, self.config)
 
     def extra_repr(self) -> str:

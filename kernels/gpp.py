@@ -30,8 +30,8 @@ from torch import nn
 from fastgicn.errors import ConfigError
 from fastgicn.models.gpp import GPP, POOL_MULTIPLES, pool_kernels
 
-from ._common import (check_input, check_params, dot_precision, is_channels_last, next_pow2, output_like,
-                      params_key, sm_count)
+from ._common import (check_grad, check_input, check_not_exporting, check_params, dot_precision,
+                      is_channels_last, next_pow2, output_like, sm_count, tensors_key)
 
 MAX_BINS = 512   # [bins x pixels] membership and [bins x channels] accumulator per program
 LEVELS = len(POOL_MULTIPLES)
@@ -220,12 +220,22 @@ def check_gpp_module(module: nn.Module) -> None:
 _PACK_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _pack(module: nn.Module, dtype: torch.dtype) -> dict:
-    """Per-level 1x1 weights with BN folded ([4, C, C_out] in the input dtype) and shifts ([4, C_out] fp32)."""
-    key = (params_key(module), dtype)
+def _tensors(module: nn.Module) -> list:
+    return [t for br in module.branches for t in (br[0].weight, br[0].bias, br[1].weight, br[1].bias,
+                                                   br[1].running_mean, br[1].running_var)]
+
+
+def _pack(module: nn.Module, x: torch.Tensor) -> dict:
+    """Per-level 1x1 weights with BN folded ([4, C, C_out] in the input dtype) and shifts ([4, C_out] fp32),
+    cached per module until a parameter or statistic is replaced or changed (a hit skips the full checks)."""
+    tensors = _tensors(module)
+    key = (tensors_key(tensors), x.dtype, x.device, tuple(br[1].eps for br in module.branches))
     hit = _PACK_CACHE.get(module)
     if hit is not None and hit[0] == key:
+        check_grad(tensors, x, "gpp_forward")
         return hit[1]
+    check_params(module, x, "gpp_forward")
+    dtype = x.dtype
     ws, shifts = [], []
     with torch.no_grad():
         for br in module.branches:
@@ -254,6 +264,29 @@ def _levels(h: int, w: int) -> list[tuple[int, int, int, int]]:
         out.append((kk, bh, bw, off))
         off += bh * bw
     return out
+
+
+_GEOMETRY: dict = {}
+
+
+def _geometry(h: int, w: int, nb_pad: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-shape tables on the device, made once (a host-to-device copy per call would stall the stream):
+    1 / kernel^2 per bin row; (bins, first row) per level; (bins_h, bins_w, first row, scale_h, scale_w) per
+    level, the scales in float32 exactly as PyTorch's upsample computes them (input size / output size)."""
+    key = (h, w, nb_pad, str(dev))
+    if key not in _GEOMETRY:
+        levels = _levels(h, w)
+        inv_area = torch.zeros(nb_pad, dtype=torch.float32)
+        for kk, bh, bw, off in levels:
+            inv_area[off:off + bh * bw] = 1.0 / (kk * kk)
+        meta = torch.tensor([v for _, bh, bw, off in levels for v in (bh * bw, off)], dtype=torch.int32)
+        up = torch.tensor([v for kk, bh, bw, off in levels
+                           for v in (bh, bw, off, np.float32(bh) / np.float32(h), np.float32(bw) / np.float32(w))],
+                          dtype=torch.float32)
+        if len(_GEOMETRY) > 64:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = (inv_area.to(dev), meta.to(dev), up.to(dev))
+    return _GEOMETRY[key]
 
 
 def gpp_output_buffer(x: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +333,6 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
     conv0 = module.branches[0][0]
     c_in, c_out = conv0.in_channels, conv0.out_channels
     check_input(x, "gpp_forward input", c_in)
-    check_params(module, x, "gpp_forward")
     n, c, h, w = x.shape
     levels = _levels(h, w)   # raises ConfigError below 6 x 6, as the reference does
     total_bins = sum(bh * bw for _, bh, bw, _ in levels)
@@ -314,7 +346,7 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
         out = output_like(x, channels)
     else:
         copy = not _check_out(out, x, channels)
-    p = _pack(module, x.dtype)
+    p = _pack(module, x)
     dev = x.device
     precision = dot_precision(x.dtype, dev)   # the 1x1 convs: as cuDNN would (TF32 if allowed)
     # pooling sums exact 0/1 memberships; the reference pools in true fp32, so never plain TF32 here
@@ -323,10 +355,7 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
     # 1. pool: every level from one pass over the covered (top-left) region of level 1, the largest one
     k1, bh1, bw1, _ = levels[0]
     cov_h, cov_w = bh1 * k1, bw1 * k1
-    inv_area = torch.zeros(nb_pad, dtype=torch.float32)
-    for kk, bh, bw, off in levels:
-        inv_area[off:off + bh * bw] = 1.0 / (kk * kk)
-    inv_area = inv_area.to(dev)
+    inv_area, meta, up = _geometry(h, w, nb_pad, dev)
     block_p, block_c, pool_warps = pool_blocks(nb_pad, c, x.dtype)
     c_blocks = triton.cdiv(c, block_c)
     npix = cov_h * cov_w
@@ -342,7 +371,6 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
         num_warps=pool_warps, num_stages=2)
 
     # 2. 1x1 conv + folded BN + ReLU per level
-    meta = torch.tensor([v for _, bh, bw, off in levels for v in (bh * bw, off)], dtype=torch.int32).to(dev)
     z = torch.empty((n, nb_pad, c_out), dtype=torch.float32, device=dev)
     max_rows = n * max(bh * bw for _, bh, bw, _ in levels)
     block_r = min(CONV_BLOCKS[0], max(16, next_pow2(max_rows)))
@@ -354,9 +382,6 @@ def gpp_forward(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = N
         num_warps=4, num_stages=2)
 
     # 3. upsample into the concat (+ the Res-5 copy unless the caller already put it there)
-    up = torch.tensor([v for kk, bh, bw, off in levels
-                       for v in (bh, bw, off, np.float32(bh) / np.float32(h), np.float32(bw) / np.float32(w))],
-                      dtype=torch.float32).to(dev)
     block_pu, block_cu = UP_BLOCKS
     copy_blocks = triton.cdiv(c, block_cu) if copy else 0
     co_blocks = triton.cdiv(c_out, block_cu)
@@ -389,6 +414,7 @@ class TritonGPP(nn.Module):
         return self._reference[0]
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        check_not_exporting("TritonGPP")
         return gpp_forward(x, self, out=out)
 
     def extra_repr(self) -> str:

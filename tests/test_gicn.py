@@ -284,3 +284,14 @@ def test_kernels_compile_for_sm90_without_spills():
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith(("gicn", "gpp"))]
     assert len(rows) == 5 and all(line.rstrip().endswith("PASS") for line in rows), r.stdout
+
+
+def test_tracing_a_triton_model_says_to_swap_back():
+    tri = TritonGICN(make_gicn(3, 4, 3))
+    x = make_input(1, 3, 8, 8)
+    with torch.no_grad(), pytest.raises(ConfigError, match="use_reference"):
+        torch.jit.trace(tri, x)
+    ref = use_reference(tri)
+    with torch.no_grad():
+        traced = torch.jit.trace(ref, x)
+        torch.testing.assert_close(traced(x), ref(x))
