@@ -188,6 +188,8 @@ def bench_backend(model, name: str, precision: str, device: torch.device, args, 
     row = {"backend": label or name, "precision": precision, "status": "ok"}
     batches = sorted(set(args.batch))
     options = dict(options or {})
+    if name == "onnxruntime" and args.threads:
+        options.setdefault("threads", args.threads)
     if name == "compiled" and device.type == "cuda":
         options.setdefault("graph_batch_sizes", tuple(batches))
     if device.type == "cuda":
@@ -311,6 +313,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated precisions (default fp16,bf16 on GPU, fp32 on CPU)")
     p.add_argument("--iters", type=int, default=None, help="batch-1 latency samples (default 200 GPU, 20 CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads) and ONNX Runtime (default: theirs, one "
+                        "per core; 1 when the load average already exceeds the cores: on shared cores OpenMP "
+                        "stalls slowed eager torch 30x on a busy 2-core machine)")
     p.add_argument("--no-e2e", action="store_true", help="skip the streaming and end-to-end runs")
     p.add_argument("--slide-size", type=int, default=None, help="synthetic slide side (default 2048 CPU, 16384 GPU)")
     p.add_argument("--json", type=Path, default=None, help="write the full results here")
@@ -356,6 +362,14 @@ def run(args) -> dict:
 
     device = resolve_device(args.device)
     _fill_defaults(args, device)
+    if args.threads is None and device.type == "cpu" and hasattr(os, "getloadavg") \
+            and os.getloadavg()[0] > (os.cpu_count() or 1):
+        # cores already busy: one thread per runtime, else torch's OpenMP threads stall (30x seen)
+        args.threads = 1
+        args.auto_threads_note = (f"load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores at start: "
+                                  "ran with 1 thread per runtime (--threads N overrides)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.checkpoint:
         from .train.checkpoint import model_from_checkpoint
         model = model_from_checkpoint(args.checkpoint, "cpu")
@@ -383,7 +397,7 @@ def run(args) -> dict:
                         "gmacs_per_patch": macs, "gflop_per_patch": 2 * macs,
                         "params_m": sum(p.numel() for p in model.parameters()) / 1e6},
               "config": {"backends": args.backends, "precisions": args.precisions, "batches": args.batch,
-                         "iters": args.iters},
+                         "iters": args.iters, "threads": args.threads or torch.get_num_threads()},
               "results": [], "notes": []}
     if device.type == "cpu":
         result["notes"].append(
@@ -392,6 +406,8 @@ def run(args) -> dict:
         if args.backend == "default":
             result["notes"].append("compiled is left out by default on CPU: Inductor's C++ compile takes 20-80 s "
                                    "per shape on a small CPU; pass --backend all or --backend compiled")
+    if getattr(args, "auto_threads_note", None):
+        result["notes"].append(args.auto_threads_note)
     rows = []
     best = None  # the fastest real backend so far, kept built for the streaming and end-to-end runs
     for name in args.backends:
@@ -529,6 +545,7 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    threads = torch.get_num_threads()
     try:
         args = parse_args(argv)
         args.argv = argv
@@ -536,6 +553,8 @@ def main(argv=None) -> int:
     except FastGicnError as exc:
         print(f"fastgicn bench: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # --threads is for the run, not for a caller of main()
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

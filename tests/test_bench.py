@@ -2,8 +2,19 @@
 import json
 
 import pytest
+import torch
 
 from fastgicn import bench
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread while these tests run: on cores shared with other jobs torch's OpenMP threads stall
+    (30x slower seen on a busy 2-core machine); correctness does not depend on it. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):

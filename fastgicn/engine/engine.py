@@ -39,8 +39,9 @@ AUTO_ORDER = {
         ("torch", "eager PyTorch: the reference, always available"),
     ],
     "cpu": [
-        ("onnxruntime", "ONNX Runtime's CPU provider: 2.7x eager PyTorch per patch on an idle 2-core EPYC and "
-                        "far steadier on shared cores (bench/results/engine_cpu_*.json), no compile step"),
+        ("onnxruntime", "ONNX Runtime's CPU provider: 1.5-1.7x eager PyTorch per patch thread for thread, and "
+                        "no OpenMP stalls on shared cores (bench/results/engine_cpu_interleaved*.json); no "
+                        "compile step"),
         ("torch", "eager PyTorch: the reference, always available"),
         # `compiled` is left out on CPU: Inductor's C++ compile costs 20-80 s per shape on the machines we
         # measured, more than it saves on a typical job; ask for backend='compiled' to use it.
