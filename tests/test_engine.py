@@ -290,3 +290,20 @@ def test_a_model_with_triton_modules_is_served_through_its_reference_modules(mod
     assert any(type(m).__name__.startswith("Triton") for m in swapped.modules()), "the caller's model is untouched"
     x = pixels(2, 64, 64, 12)
     np.testing.assert_allclose(engine.predict(x), reference.predict(x), atol=1e-5)
+
+
+def test_auto_survives_an_unexpected_error_in_a_backend(model, monkeypatch):
+    from fastgicn.engine.onnxruntime_backend import OnnxRuntimeBackend
+
+    def broken(self, size):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", broken)
+    engine = Engine(model, device="cpu", batch_size=2, tile_size=64)
+    assert engine.backend_name == "torch"
+    assert engine.selection[0] == {"backend": "onnxruntime", "status": "failed",
+                                   "reason": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # by name: the caller sees it as it is
+        Engine(model, backend="onnxruntime", device="cpu", batch_size=2, tile_size=64)
+    with pytest.raises(ConfigError, match="tile_size=60"):
+        Engine(model, device="cpu", tile_size=60)

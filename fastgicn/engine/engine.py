@@ -137,6 +137,8 @@ class Engine:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: use a positive integer")
         self.tile_size = int(tile_size or tile_config.get("tile_size", 512))
+        if self.tile_size % 8 or self.tile_size < 48:
+            raise ConfigError(f"tile_size={self.tile_size}: use a multiple of 8 of at least 48 (512 is the paper's)")
         self.tile_config = tile_config
         self.num_classes = int(self.model.head.out_channels)
         self.selection: list[dict] = []
@@ -167,12 +169,16 @@ class Engine:
                 error = self._verify(candidate) if verify else None
                 if error is not None:
                     raise EngineBuildError(error)
-            except (BackendUnavailable, EngineBuildError) as exc:
-                status = "unavailable" if isinstance(exc, BackendUnavailable) else "failed"
-                self.selection.append({"backend": name, "status": status, "reason": str(exc)})
-                if backend != "auto":
+            except Exception as exc:
+                # asked for by name: the error goes to the caller as it is. auto: any failure to build or to
+                # match the reference (a bug in a path this machine cannot run included) means the next one.
+                expected = isinstance(exc, (BackendUnavailable, EngineBuildError))
+                if backend != "auto" or isinstance(exc, ConfigError):
                     raise
-                (log.warning if status == "failed" else log.info)("backend %s %s: %s", name, status, exc)
+                status = "unavailable" if isinstance(exc, BackendUnavailable) else "failed"
+                reason = str(exc) if expected else f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                self.selection.append({"backend": name, "status": status, "reason": reason})
+                (log.warning if status == "failed" else log.info)("backend %s %s: %s", name, status, reason)
                 continue
             self.build_seconds = time.perf_counter() - t0
             self.selection.append({"backend": name, "status": "chosen", "reason": why})
