@@ -83,8 +83,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from .config import TileConfig
-    from .slide.pipeline import DEMO_SIZE, demo_slide, load_model, segment_slides
+    import os
+
+    import torch
+
+    from .slide.pipeline import DEMO_SIZE, demo_slide
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -97,6 +100,27 @@ def cmd_segment(args) -> int:
         slides, truths = [slide], truths or [mask]
         if args.weights is None:
             log("segmenting it with the demo weights (trained on synthetic slides only) and its mask as truth")
+    threads = args.torch_threads
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--torch-threads {threads}: use a positive number of threads")
+    if threads is None and not str(args.device).startswith("cuda") and hasattr(os, "getloadavg") \
+            and os.getloadavg()[0] > (os.cpu_count() or 1):
+        threads = 1  # torch's OpenMP threads stall when other processes already keep every core busy
+        log(f"load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: torch runs on one thread "
+            "(--torch-threads to choose)")
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _segment(args, slides, truths, log)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _segment(args, slides, truths, log) -> int:
+    from .config import TileConfig
+    from .slide.pipeline import load_model, segment_slides
+
     model, payload, weights = load_model(args.weights, args.device)
     values = dict(payload.get("tile_config") or {})
     for key in ("tile_size", "overlap", "batch_size", "min_tissue_fraction", "white_threshold"):
@@ -167,9 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--white-threshold", type=int, default=None, help="glass: R, G and B above this (220)")
     p.add_argument("--no-tissue-prefilter", action="store_true",
                    help="read every tile, not only those touching the low-resolution tissue mask")
-    p.add_argument("--stitch", choices=["crop", "blend"], default="crop",
-                   help="crop the overlap at its middle, or blend it with linear ramps")
+    p.add_argument("--stitch", choices=["crop", "blend"], default="blend",
+                   help="blend the overlap with linear ramps (no seam), or crop it at its middle (less memory)")
     p.add_argument("--threads", type=int, default=2, help="reader threads")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads for the network (default: torch's, or 1 when the cores are already busy)")
     p.add_argument("--handles", choices=["shared", "per_thread"], default="shared",
                    help="OpenSlide handles: one shared, or one per reader thread")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0, when the slide lacks it")
