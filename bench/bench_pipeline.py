@@ -2,8 +2,9 @@
 
 Three parts, each measurement in its own child process (peak RSS is per process):
 
-1. ``real``: a synthetic slide written as an SVS file (`write_synthetic_slide`) and segmented through OpenSlide
-   with `segment_slide`, Dice against its ground-truth mask; the report's seconds per stage and tiles/s.
+1. ``real``: synthetic slides (default 20,000^2 and 40,000^2, about 35 % tissue) written as SVS files
+   (`write_synthetic_slide`) and segmented through OpenSlide with `segment_slide`, Dice against their
+   ground-truth masks; the report's seconds per stage, tiles/s and peak RSS (4x the area, same RSS).
 2. ``read``: the batch ring alone on that file (no model), 512-pixel tiles at level 0: tiles/s for 1, 2 and 4
    reader threads with one shared OpenSlide handle or one handle per thread (best of --repeats).
 3. ``sparse``: canvases of growing area (default 20,000^2, 40,000^2 and 100,000^2 level-0 pixels) of glass
@@ -13,7 +14,7 @@ Three parts, each measurement in its own child process (peak RSS is per process)
    must not grow with the area. (Writing a dense 100,000^2 synthetic slide file takes hours on 2 cores, and
    segmenting its 35 % of tissue would take longer; this is what fits on a small CPU machine.)
 
-    python bench/bench_pipeline.py                       # all three, ~10 minutes on 2 CPU cores
+    python bench/bench_pipeline.py                       # all three, ~10-15 minutes on 2 CPU cores
     python bench/bench_pipeline.py --parts sparse --sparse-sizes 20000 100000
 
 Model: the demo weights when installed (their tile config: 256-pixel tiles, overlap 32, 0.5 um/px), else a
@@ -256,12 +257,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", choices=["real", "read", "sparse"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--parts", nargs="+", choices=["real", "read", "sparse"], default=["real", "read", "sparse"])
-    p.add_argument("--real-size", type=int, default=8192, help="side of the synthetic SVS (level-0 pixels)")
+    p.add_argument("--real-sizes", type=int, nargs="+", default=[20000, 40000],
+                   help="sides of the dense synthetic SVS files (level-0 pixels); the reader bench uses the first")
     p.add_argument("--sparse-sizes", type=int, nargs="+", default=[20000, 40000, 100000])
     p.add_argument("--core", type=int, default=2048, help="side of each tissue core in the sparse canvases")
     p.add_argument("--weights", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--handles", default="shared")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or 1 when the load average exceeds the cores)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--read-tile", type=int, default=512, help="tile side for the reader benchmark (level 0)")
     p.add_argument("--timeout", type=float, default=1800)
@@ -274,6 +278,10 @@ def main() -> None:
     args = p.parse_args()
 
     if args.child:
+        if args.torch_threads:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
         result = {"real": child_real, "read": child_read, "sparse": child_sparse}[args.child](args)
         print(json.dumps(result))
         return
@@ -282,29 +290,45 @@ def main() -> None:
     record = {"what": "whole-slide pipeline on CPU: seconds per stage, tiles/s, peak RSS, reader throughput",
               "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "machine": machine(), "parts": {}}
-    common = ["--threads", str(args.threads)] + (["--weights", args.weights] if args.weights else []) + \
+    if args.torch_threads is None and os.getloadavg()[0] > (os.cpu_count() or 1):
+        args.torch_threads = 1  # torch's OpenMP threads stall when other processes keep the cores busy
+    record["torch_threads"] = args.torch_threads or "torch default"
+    common = ["--threads", str(args.threads)] + (["--torch-threads", str(args.torch_threads)]
+                                                 if args.torch_threads else [])
+    common += (["--weights", args.weights] if args.weights else []) + \
         (["--tmp", args.tmp] if args.tmp else [])
     with tempfile.TemporaryDirectory(dir=args.tmp) as work:
         if "real" in args.parts or "read" in args.parts:
             from fastgicn.synth import write_synthetic_slide
 
-            t0 = time.perf_counter()
-            slide, mask = write_synthetic_slide(Path(work) / f"synthetic_{args.real_size}.svs", args.real_size,
-                                                args.real_size, seed=11)
-            record["synthetic_slide"] = {"size": [args.real_size, args.real_size], "seed": 11,
-                                         "write_seconds": time.perf_counter() - t0, "bytes": slide.stat().st_size}
-            print(f"wrote {slide} in {record['synthetic_slide']['write_seconds']:.1f} s", flush=True)
-            if "real" in args.parts:
-                record["parts"]["real"] = run_child(["real", "--slide", str(slide), "--truth", str(mask),
-                                                     "--handles", args.handles] + common, args.timeout)
-                print(json.dumps(record["parts"]["real"].get("seconds")), flush=True)
-            if "read" in args.parts:
-                record["parts"]["read"] = run_child(["read", "--slide", str(slide), "--repeats",
-                                                     str(args.repeats), "--read-tile", str(args.read_tile)]
-                                                    + common, args.timeout)
-                for row in record["parts"]["read"].get("rows", []):
-                    print(f"  read {row['handles']:>10} x{row['threads']}: {row['tiles_per_second']:.0f} tiles/s",
-                          flush=True)
+            record["parts"]["real"], record["synthetic_slides"] = [], []
+            sizes = args.real_sizes if "real" in args.parts else args.real_sizes[:1]
+            for k, size in enumerate(sizes):
+                t0 = time.perf_counter()
+                slide, mask = write_synthetic_slide(Path(work) / f"synthetic_{size}.svs", size, size, seed=11)
+                info = {"size": [size, size], "seed": 11, "write_seconds": time.perf_counter() - t0,
+                        "bytes": slide.stat().st_size}
+                record["synthetic_slides"].append(info)
+                print(f"wrote {slide} in {info['write_seconds']:.1f} s", flush=True)
+                if "real" in args.parts:
+                    r = run_child(["real", "--slide", str(slide), "--truth", str(mask), "--handles", args.handles]
+                                  + common, args.timeout)
+                    record["parts"]["real"].append(r)
+                    if "rss_mb" in r:
+                        print(f"  real {size}^2: {r['tiles']['segmented']} tiles, {r['seconds']['total']:.0f} s, "
+                              f"{r['tiles_per_second']:.1f} tiles/s, Dice {r['dice']['dice']:.4f}, peak RSS "
+                              f"{r['rss_mb']['peak_sampled']:.0f} MB", flush=True)
+                    else:
+                        print(f"  real {size}^2 failed: {r.get('error', '')[-500:]}", flush=True)
+                if "read" in args.parts and k == 0:
+                    record["parts"]["read"] = run_child(["read", "--slide", str(slide), "--repeats",
+                                                         str(args.repeats), "--read-tile", str(args.read_tile)]
+                                                        + common, args.timeout)
+                    for row in record["parts"]["read"].get("rows", []):
+                        print(f"  read {row['handles']:>10} x{row['threads']}: {row['tiles_per_second']:.0f} "
+                              "tiles/s", flush=True)
+                slide.unlink()
+                mask.unlink()
         if "sparse" in args.parts:
             rows = []
             for size in args.sparse_sizes:
