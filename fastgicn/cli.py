@@ -133,9 +133,9 @@ def _segment(args, slides, truths, log) -> int:
     if args.no_tissue_prefilter:
         values["tissue_prefilter"] = False
     config = TileConfig.from_dict(values)
+    where = f"level {config.level}" if config.level is not None else f"target {config.target_mpp} um/px"
     log(f"model {model.model_name}({model.model_kwargs}) from {weights}; tiles {config.tile_size} px, overlap "
-        f"{config.overlap}, {'level %d' % config.level if config.level is not None else 'target %s um/px' % config.target_mpp}"
-        f", batch {config.batch_size}, stitch {args.stitch}, device {args.device}")
+        f"{config.overlap}, {where}, batch {config.batch_size}, stitch {args.stitch}, device {args.device}")
     results = segment_slides(slides, args.out, model, config, args.device, truths=truths, stitch=args.stitch,
                              force=args.force, log=log, threads=args.threads, handles=args.handles,
                              mpp=args.mpp, weights=weights, progress=False if args.no_progress else None)

@@ -111,7 +111,7 @@ def test_errors_are_one_line_and_exit_status_two(tmp_path, checkpoint, capsys, e
     assert main(argv) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # (a note on torch threads may come first on a busy machine)
-    assert last.startswith("fastgicn segment: error:") and re.search(message, last, re.I)
+    assert last.startswith("fastgicn segment: error:") and re.search(message, last, re.IGNORECASE)
     assert "Traceback" not in err
 
 
@@ -127,7 +127,7 @@ def test_demo_weights_segment_the_synthetic_slide(tmp_path):
 
 def test_torch_threads_is_set_for_the_run_and_restored(tmp_path, checkpoint, monkeypatch):
     seen = []
-    import fastgicn.slide.pipeline as pipeline
+    from fastgicn.slide import pipeline
 
     real = pipeline.segment_slides
 

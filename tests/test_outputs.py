@@ -54,7 +54,7 @@ def test_polygons_fill_back_to_exactly_the_mask(name):
     mask = MASKS[name]
     polygons = mask_to_polygons(mask)
     np.testing.assert_array_equal(even_odd_fill(polygons, mask.shape), mask)
-    labels, count = ndimage.label(mask)
+    _, count = ndimage.label(mask)
     assert len(polygons) == count  # one polygon per 4-connected region
     for rings in polygons:
         assert ring_area(rings[0]) > 0 and all(ring_area(r) < 0 for r in rings[1:])

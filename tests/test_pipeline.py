@@ -9,6 +9,7 @@ import openslide
 import pytest
 import torch
 import torch.nn.functional as F
+from test_outputs import even_odd_fill
 from torch import nn
 
 from fastgicn.config import TileConfig
@@ -18,7 +19,6 @@ from fastgicn.models.metrics import dice_score
 from fastgicn.slide.pipeline import (DEMO_WEIGHTS, Progress, output_paths, outputs_complete, segment_slide,
                                      segment_slides)
 from fastgicn.slide.pyramid_tiff import write_pyramid
-from test_outputs import even_odd_fill
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_local_model_segments_like_the_whole_image(tmp_path, stitch):
     stride = tile - overlap
     n_cols, n_rows = 1 + -(-(w - tile) // stride), 1 + -(-(h - tile) // stride)
     ref = whole_image_reference(model, img, (n_cols - 1) * stride + tile, (n_rows - 1) * stride + tile)
-    slide, prob = read_tiff(res.outputs["probability"])
+    _, prob = read_tiff(res.outputs["probability"])
     assert prob.shape == (h, w)
     diff = np.abs(prob.astype(int) - ref)
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # equal up to float rounding of the softmax

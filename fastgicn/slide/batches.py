@@ -128,7 +128,7 @@ class BatchRing:
         self._started = False
 
     # -- life cycle ----------------------------------------------------------------------------------
-    def start(self) -> "BatchRing":
+    def start(self) -> BatchRing:
         if self._started:
             return self
         self._started = True
@@ -138,7 +138,7 @@ class BatchRing:
             t.start()
         return self
 
-    def __enter__(self) -> "BatchRing":
+    def __enter__(self) -> BatchRing:
         return self.start()
 
     def __exit__(self, *exc) -> None:

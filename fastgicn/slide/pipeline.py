@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import TileConfig
-from ..errors import BackendUnavailable, ConfigError, FastGicnError, SlideError
+from ..errors import BackendUnavailable, ConfigError, FastGicnError
 from .batches import BatchRing
 from .outputs import (LowRes, PyramidBandWriter, geojson_features, lowres_factor, mask_to_polygons,
                       remove_partials, write_geojson, write_json, write_overlay_png)
@@ -90,7 +91,7 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         width = 24
         fill = int(width * pct / 100)
-        eta_s = "--:--" if eta != eta else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
+        eta_s = "--:--" if math.isnan(eta) else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
         return (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} tiles "
                 f"{pct:5.1f}% {rate:6.1f} tiles/s ETA {eta_s}")
 
@@ -300,7 +301,7 @@ def outputs_complete(out_dir, stem: str, fingerprint: str | None = None) -> bool
         return False
     if fingerprint is not None and report.get("fingerprint") != fingerprint:
         return False
-    for name, info in report.get("outputs", {}).items():
+    for info in report.get("outputs", {}).values():
         p = Path(out_dir) / info["file"]
         try:
             if p.stat().st_size != info["bytes"]:
@@ -640,8 +641,8 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
         rep = res.report
         extra = f", Dice {rep['dice']['dice']:.4f}" if rep.get("dice") else ""
         area = rep["tumour"]["area_mm2"]
+        tumour = f"{area:.3f} mm²" if area is not None else f"{rep['tumour']['pixels']} px"
         log(f"{label}: {rep['tiles']['segmented']} tiles in {rep['seconds']['total']:.1f} s "
-            f"({rep['tiles_per_second']:.1f} tiles/s), tumour "
-            f"{'%.3f mm²' % area if area is not None else '%d px' % rep['tumour']['pixels']}{extra}")
+            f"({rep['tiles_per_second']:.1f} tiles/s), tumour {tumour}{extra}")
         results.append(res)
     return results
