@@ -22,7 +22,7 @@ def test_table3_rows_are_the_four_gicns_and_kxk_convs():
 
 def test_model_rows_cover_every_model_with_the_papers_figures():
     rows = {r["model"]: r for r in model_rows()}
-    assert set(rows) == set(PAPER_TABLE1)
+    assert set(PAPER_TABLE1) <= set(rows)
     full = rows["resnet50_gicn_gpp"]
     assert full["paper_test_ms_m40"] == 102 and full["paper_params_k"] == 3176
     # The GPP branch adds work on top of the GICN-only ablation, which shares its backbone.

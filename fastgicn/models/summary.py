@@ -37,7 +37,8 @@ def model_rows(side: int = 512) -> list[dict]:
         with torch.device("meta"):
             model = create_model(name).eval()
         total = count_params(model)
-        beyond_backbone = total - count_params(model.backbone)
+        backbone = getattr(model, "backbone", None)  # models registered by users may have none
+        beyond_backbone = total - count_params(backbone) if backbone is not None else float("nan")
         paper = PAPER_TABLE1.get(name, {})
         rows.append({"model": name, "params_m": total / 1e6, "params_beyond_backbone_k": beyond_backbone / 1e3,
                      "paper_params_k": paper.get("params_k"), "gmacs_per_patch": gmacs(model, side),
