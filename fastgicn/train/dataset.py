@@ -79,10 +79,25 @@ class SlideSource:
         raise ConfigError(f"{self.name} has no level at downsample {downsample} "
                           f"(it has {[round(d, 2) for d in reader.level_downsamples]}): pick one of those")
 
+    def tissue_positions(self, size: int, downsample: int, white_threshold: int) -> np.ndarray:
+        """Level-0 origins of whole patches that hold tissue (low-res prefilter, then any non-glass pixel)."""
+        from ..config import TileConfig
+        from ..slide import tissue_tiles
+
+        config = TileConfig(tile_size=size, level=self._level(self.slide, downsample), min_tissue_fraction=0.0,
+                            tissue_prefilter=True, white_threshold=white_threshold)
+        grid = tissue_tiles(self.slide, config)
+        width, height = self.dimensions
+        whole = (grid[:, 0] + grid[:, 2] <= width) & (grid[:, 1] + grid[:, 3] <= height)
+        return grid[whole, :2]
+
+    def read_mask(self, l0_x: int, l0_y: int, size: int, downsample: int) -> np.ndarray:
+        mask = self.mask.read_region(l0_x, l0_y, self._level(self.mask, downsample), size, size)
+        return mask[..., 0] > 127
+
     def read(self, l0_x: int, l0_y: int, size: int, downsample: int):
         rgb = self.slide.read_region(l0_x, l0_y, self._level(self.slide, downsample), size, size)
-        mask = self.mask.read_region(l0_x, l0_y, self._level(self.mask, downsample), size, size)
-        return rgb, mask[..., 0] > 127
+        return rgb, self.read_mask(l0_x, l0_y, size, downsample)
 
 
 def default_mask_path(slide_path: Path) -> Path:
@@ -115,23 +130,33 @@ class PatchDataset:
         self.positive_fraction = positive_fraction
         self.patches: list[Patch] = []
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        step = size * downsample
         for s, source in enumerate(self.sources):
-            width, height = source.dimensions
-            for l0_y in range(0, height - step + 1, step):
-                for l0_x in range(0, width - step + 1, step):
-                    rgb, mask = source.read(l0_x, l0_y, size, downsample)
-                    if is_glass(rgb, white_threshold):
-                        continue
-                    self.patches.append(Patch(s, l0_x, l0_y, float(mask.mean())))
-                    if cache:
-                        self._cache[len(self.patches) - 1] = (rgb, mask)
+            if hasattr(source, "tissue_positions"):
+                # A slide file: candidates come from the low-resolution tissue mask and the Cython background
+                # count, so glass is never decoded at full resolution; only the (lossless) mask is read here.
+                for l0_x, l0_y in source.tissue_positions(size, downsample, white_threshold):
+                    mask = source.read_mask(l0_x, l0_y, size, downsample)
+                    self.patches.append(Patch(s, int(l0_x), int(l0_y), float(mask.mean())))
+                continue
+            for l0_x, l0_y in self._grid(source.dimensions, size * downsample):
+                rgb, mask = source.read(l0_x, l0_y, size, downsample)
+                if is_glass(rgb, white_threshold):
+                    continue
+                self.patches.append(Patch(s, l0_x, l0_y, float(mask.mean())))
+                if cache:
+                    self._cache[len(self.patches) - 1] = (rgb, mask)
         if not self.patches:
             raise ConfigError(f"no tissue patches of {size} px at downsample {downsample} in "
                               f"{[getattr(s, 'name', s) for s in self.sources]}: every patch is glass")
         fractions = np.array([p.tumour_fraction for p in self.patches])
         self.positive = np.flatnonzero(fractions > 0)
         self.negative = np.flatnonzero(fractions == 0)
+
+    @staticmethod
+    def _grid(dimensions, step: int):
+        """The paper's grid: whole patches only, stride = patch size."""
+        width, height = dimensions
+        return ((x, y) for y in range(0, height - step + 1, step) for x in range(0, width - step + 1, step))
 
     def __len__(self) -> int:
         return len(self.patches)
