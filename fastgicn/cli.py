@@ -50,6 +50,18 @@ def _training_sources(args, slides, masks, seed_offset: int):
     return [SyntheticSource(SyntheticSlide(w, h, seed=args.seed + seed_offset + i)) for i in range(args.synthetic)]
 
 
+def _inference_tile_config(args, source):
+    """The tile config stored in the checkpoint, so `segment` reads slides at the resolution trained on."""
+    from .config import TileConfig
+
+    overlap = 32 if args.patch_size >= 128 else 0
+    mpp = getattr(source.slide, "mpp", None)
+    if mpp:
+        return TileConfig(tile_size=args.patch_size, overlap=overlap, target_mpp=mpp * args.downsample)
+    level = 0 if args.downsample == 1 else source._level(source.slide, args.downsample)
+    return TileConfig(tile_size=args.patch_size, overlap=overlap, level=level)
+
+
 def cmd_train(args) -> int:
     from .config import TileConfig
     from .train import PatchDataset, Trainer, TrainConfig
@@ -64,16 +76,23 @@ def cmd_train(args) -> int:
     if not args.slides and not args.synthetic:
         raise ConfigError("no training data: pass slides (with SLIDE.mask.tif beside them or --masks), "
                           "or --synthetic N to train on N synthetic slides")
+    if args.downsample < 1:
+        raise ConfigError(f"--downsample {args.downsample}: use a pyramid downsample of 1 or more")
+    try:
+        TileConfig(tile_size=args.patch_size)  # validates the patch size before any slide is read
+    except ConfigError as exc:
+        raise ConfigError(f"--patch-size {args.patch_size}: {exc}") from None
     cache = not args.slides
-    train_set = PatchDataset(_training_sources(args, args.slides, args.masks, 0), size=args.patch_size,
-                             downsample=args.downsample, positive_fraction=args.positive_fraction, cache=cache)
+    sources = _training_sources(args, args.slides, args.masks, 0)
+    train_set = PatchDataset(sources, size=args.patch_size, downsample=args.downsample,
+                             positive_fraction=args.positive_fraction, cache=cache)
     val_set = None
     if args.val_slides or args.synthetic:
         val_set = PatchDataset(_training_sources(args, args.val_slides, args.val_masks, 10_000),
                                size=args.patch_size, downsample=args.downsample, cache=cache)
     print(f"training {args.model}({model_kwargs}) on {len(train_set)} patches "
           f"({len(train_set.positive)} with tumour); validating on {len(val_set) if val_set else 0}")
-    trainer = Trainer(config, train_set, val_set, TileConfig(tile_size=args.patch_size), out_dir=args.out)
+    trainer = Trainer(config, train_set, val_set, _inference_tile_config(args, sources[0]), out_dir=args.out)
     if args.resume:
         trainer.resume(args.resume)
         print(f"resumed from {args.resume} at iteration {trainer.iteration}")

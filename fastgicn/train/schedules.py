@@ -29,9 +29,9 @@ def make_schedule(name: str, lr: float | None = None) -> LrSchedule:
     """`camelyon16`: 5e-4 x 0.98 every 10k iterations. `gastric`: 1e-4, 1e-5 from 380k, 1e-6 from 460k, 500k
     in all. `constant`: `lr` throughout (for short runs of small models). `lr` replaces a paper base rate."""
     if name == "camelyon16":
-        return LrSchedule(name, lr or 5e-4, gamma=0.98, step=10_000)
+        return LrSchedule(name, 5e-4 if lr is None else lr, gamma=0.98, step=10_000)
     if name == "gastric":
-        base = lr or 1e-4
+        base = 1e-4 if lr is None else lr
         return LrSchedule(name, base, milestones=((380_000, base / 10), (460_000, base / 100)),
                           total_iterations=500_000)
     if name == "constant":
