@@ -45,12 +45,15 @@ def test_loc_term_is_per_image_then_averaged_over_the_batch():
 
 
 def test_alpha_weights_the_loc_term():
-    logits = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    target = torch.randint(0, 2, (2, 4, 4), generator=torch.Generator().manual_seed(1))
-    ce_only = GicnLoss(alpha=0.0)(logits, target)
-    loss_fn = GicnLoss(alpha=1.0)
-    full = loss_fn(logits, target)
-    assert full.item() == pytest.approx(ce_only.item() + loss_fn.last_terms["loc"], rel=1e-6)
+    # Two pixels, P(tumour) = sigmoid(1) at both, one tumour pixel: every term by hand.
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[:, 1] = 1.0
+    target = torch.tensor([[[1, 0]]])
+    p = 1 / (1 + math.exp(-1.0))
+    ce = (-math.log(p) - math.log(1 - p)) / 2
+    loc = 0.5 - (p + K) / (1 + 2 * p + 2 * K)
+    assert GicnLoss(alpha=0.0)(logits, target).item() == pytest.approx(ce, rel=1e-6)
+    assert GicnLoss(alpha=1.0)(logits, target).item() == pytest.approx(ce + loc, rel=1e-6)
 
 
 def test_bad_shapes_and_parameters_raise():

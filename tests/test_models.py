@@ -154,3 +154,23 @@ def test_inputs_the_network_cannot_take_raise_config_errors():
     with pytest.raises(ConfigError, match="N x 3"):
         model(torch.randn(1, 4, 64, 64))
 
+
+
+def test_decoder_wires_each_gicn_to_its_level_and_the_head_reads_decoder_then_gpp():
+    """GICN-1 sees Res-2, GICN-2..4 see Res-3..5 (paper 3.1.2); the head's first inputs are the decoder's."""
+    torch.manual_seed(0)
+    model = create_model("resnet50_gicn_gpp", width=0.125).eval()
+    x = torch.randn(1, 3, 64, 64)
+    seen = {}
+    for name in ("gicn1", "gicn2", "gicn3", "gicn4"):
+        getattr(model.decoder, name).register_forward_hook(lambda m, inp, out, name=name: seen.update({name: inp[0]}))
+    with torch.no_grad():
+        res = model.backbone(x)
+        logits = model(x)
+        for name, level in zip(("gicn1", "gicn2", "gicn3", "gicn4"), res):
+            assert torch.equal(seen[name], level), name
+        # Rebuild the head by hand from the two branches, decoder channels first.
+        dec, gpp = model.decoder(*res), model.gpp_branch(res[3])
+        w, b = model.head.weight[:, :, 0, 0], model.head.bias
+        by_hand = torch.einsum("oc,nchw->nohw", w, torch.cat([dec, gpp], 1)) + b[None, :, None, None]
+        assert torch.allclose(logits, by_hand, atol=1e-5)
