@@ -94,7 +94,9 @@ def test_gpu_backend_matches_fp32_reference(model, reference, name, precision):
     try:
         engine = Engine(model, backend=name, precision=precision, device="cuda", batch_size=4, tile_size=64)
     except BackendUnavailable as exc:
-        pytest.skip(str(exc))
+        if name != "onnxruntime":  # on a GPU machine, torch and compiled must build: a failure is a failure
+            raise
+        pytest.skip(f"onnxruntime-gpu (CUDAExecutionProvider) is not installed: {exc}")
     for n in (1, 3, 4):  # 1 and 4 are captured CUDA graphs, 3 is padded to 4
         x = pixels(n, 64, 64, n)
         err = relative_error(torch.from_numpy(engine.predict(x)), torch.from_numpy(reference.predict(x)))
