@@ -323,8 +323,8 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
     `model`: a torch module from `create_model` / `model_from_checkpoint` (or an engine backend); `config`:
     the TileConfig (default: the checkpoint's habit, 512-pixel tiles); `truth`: a ground-truth mask (file or
     array, 0 normal / 255 tumour, aligned with level 0) for Dice in the report; `stitch`: "blend" (default:
-    no seam with the real network, see tests/test_pipeline.py) or "crop" (8x less band memory: 1 byte a
-    pixel instead of 8);
+    no seam with the real network, see tests/test_pipeline.py) or "crop" (half the band memory: 1 byte a
+    pixel instead of 2);
     `threads` reader threads, `ring` batch slots, `handles` "shared" or "per_thread" OpenSlide handles;
     `summary_max_side` the longest side of the reduced mask that polygons and the overlay come from (the
     full-resolution mask is in the TIFF). Returns a SlideResult whose `report` is what the JSON report holds.

@@ -6,19 +6,22 @@ neighbouring tiles overlap, the stitcher either
 - ``"crop"``: gives each pixel to one tile, the boundary between two neighbours lying in the middle of their
   overlap (for a regular grid with stride ``s`` and overlap ``o``: each tile keeps all but ``o/2`` pixels on
   each side that has a neighbour), so every pixel comes from the tile in which it is most central; or
-- ``"blend"``: averages the tiles with weights that are 0 on the outer quarter of the overlap, ramp linearly
+- ``"blend"``: sums the tiles with weights that are 0 on the outer quarter of the overlap, ramp linearly
   across its middle half and are 1 on the inner quarter and everywhere else; two ramps facing each other sum to
-  1, so a smooth prediction stays smooth and no seam shows.
+  1 (and products of ramps at corners too), so the weights of a full grid are a partition of unity, a smooth
+  prediction stays smooth and no seam shows.
 
 Both modes throw away the outermost ``o/4`` (blend) or ``o/2`` (crop) pixels of a tile where it has a
 neighbour: with a purely local model whose radius fits in that margin, the stitched image equals the model run
 on the whole image (tests/test_stitch.py proves it). The first and last column and row of the grid keep their
-outer pixels (nothing else covers them); a tile whose neighbour is absent from the grid (glass) still crops or
-ramps towards it, so the absent tile's share of the overlap stays background (0), as if it had been predicted.
+outer pixels (nothing else covers them). A tile absent from the grid, or skipped (glass), counts as predicting
+background (0): crop leaves its share of the overlap at 0, blend fades its neighbours' prediction to 0 across
+the overlap.
 
 Memory is bounded by a band of tile rows, not the image: as soon as no tile still to come can touch a row,
 that row is final and is passed to the `sink` with every row above it, in order. The band is two tiles high
-(`2 * tile_size` rows by the image width), enough for tiles arriving in grid order. Tiles may arrive in any
+(`2 * tile_size` rows by the image width; 1 byte a pixel for crop, 2 for blend, whose sums are kept in 8.8
+fixed point), enough for tiles arriving in grid order. Tiles may arrive in any
 order: one that lands below the band while a tile above is still missing is kept aside (a copy of the tile)
 until the band reaches it, so memory is the band plus the tiles that came out of order (the reader ring bounds
 how many can).
@@ -134,12 +137,8 @@ class Stitcher:
     # -- buffer -----------------------------------------------------------------------------------------
     def _alloc(self, cap: int) -> None:
         self._band_rows = cap
-        if self.mode == "crop":
-            self._acc = np.zeros((cap, self.width), np.uint8)
-            self._wsum = None
-        else:
-            self._acc = np.zeros((cap, self.width), np.float32)
-            self._wsum = np.zeros((cap, self.width), np.float32)
+        # crop: the pixels; blend: sum of weight * pixel in 8.8 fixed point (at most 255 * 256 + rounding)
+        self._acc = np.zeros((cap, self.width), np.uint8 if self.mode == "crop" else np.uint16)
 
     @property
     def peak_band_rows(self) -> int:
@@ -149,7 +148,7 @@ class Stitcher:
     @property
     def band_bytes(self) -> int:
         """Bytes held by the band buffer now."""
-        return self._acc.nbytes + (self._wsum.nbytes if self._wsum is not None else 0)
+        return self._acc.nbytes
 
     def _frontier(self) -> int:
         """First row a tile still to come can touch (the image height when none is left)."""
@@ -163,7 +162,7 @@ class Stitcher:
         w = self._wcache.get(key)
         if w is None:
             t = self.tile_size
-            w = np.outer(_weights_1d(t, *key[1]), _weights_1d(t, *key[0]))
+            w = np.outer(_weights_1d(t, *key[1]), _weights_1d(t, *key[0])) * np.float32(256)
             self._wcache[key] = w
         return w
 
@@ -205,9 +204,8 @@ class Stitcher:
             if self.mode == "crop":
                 self._acc[b0:b1, c0:c1] = src
             else:
-                w = self._weights(i)[r0 - y:r1 - y, c0 - x:c1 - x]
-                self._acc[b0:b1, c0:c1] += src * w
-                self._wsum[b0:b1, c0:c1] += w
+                w = self._weights(i)[r0 - y:r1 - y, c0 - x:c1 - x]  # 256 * weight
+                self._acc[b0:b1, c0:c1] += (src * w + 0.5).astype(np.uint16)
         self.tiles_added += 1
 
     def skip(self, i: int) -> None:
@@ -237,21 +235,12 @@ class Stitcher:
             m = min(count, cap)
             if self.mode == "crop":
                 out = self._acc[:m].copy()
-            else:
-                wsum = self._wsum[:m]
-                out = np.zeros((m, self.width), np.uint8)
-                np.divide(self._acc[:m], wsum, out=self._acc[:m], where=wsum > 0)
-                np.rint(self._acc[:m], out=self._acc[:m])
-                np.clip(self._acc[:m], 0, 255, out=self._acc[:m])
-                out[...] = self._acc[:m]
-                out[wsum <= 0] = 0
+            else:  # round the 8.8 fixed-point sums
+                out = np.minimum((self._acc[:m] + np.uint16(128)) >> 8, 255).astype(np.uint8)
             self.sink(self.flushed, out)
             # shift the rest of the band up and clear the freed rows
             self._acc[:cap - m] = self._acc[m:]
             self._acc[cap - m:] = 0
-            if self._wsum is not None:
-                self._wsum[:cap - m] = self._wsum[m:]
-                self._wsum[cap - m:] = 0
             self.flushed += m
             count -= m
 
@@ -266,8 +255,6 @@ class Stitcher:
         self._flush_to(self.height)
         self._closed = True
         self._acc = self._acc[:0]
-        if self._wsum is not None:
-            self._wsum = self._wsum[:0]
 
 
 def stitch_to_array(tiles, width: int, height: int, tile_size: int, pixels, mode: str = "crop",
