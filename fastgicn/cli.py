@@ -106,19 +106,12 @@ def cmd_segment(args) -> int:
 
     import torch
 
-    from .slide.pipeline import DEMO_SIZE, demo_slide
-
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     slides, truths = list(args.slides), args.truth
     if truths is not None and len(truths) != max(1, len(slides)):
         raise ConfigError(f"{len(truths)} --truth masks for {len(slides)} slides: give one mask per slide")
-    if not slides:
-        slide, mask = demo_slide(args.out, args.demo_size or DEMO_SIZE, args.seed, log=log)
-        slides, truths = [slide], truths or [mask]
-        if args.weights is None:
-            log("segmenting it with the demo weights (trained on synthetic slides only) and its mask as truth")
     threads = args.torch_threads
     if threads is not None and threads < 1:
         raise ConfigError(f"--torch-threads {threads}: use a positive number of threads")
@@ -138,7 +131,7 @@ def cmd_segment(args) -> int:
 
 def _segment(args, slides, truths, log) -> int:
     from .config import TileConfig
-    from .slide.pipeline import load_model, segment_slides
+    from .slide.pipeline import DEMO_SIZE, demo_slide, ensure_out_dir, load_model, segment_slides
 
     model, payload, weights = load_model(args.weights, args.device)
     values = dict(payload.get("tile_config") or {})
@@ -152,6 +145,15 @@ def _segment(args, slides, truths, log) -> int:
     if args.no_tissue_prefilter:
         values["tissue_prefilter"] = False
     config = TileConfig.from_dict(values)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: use a positive number of reader threads")
+    ensure_out_dir(args.out)
+    # Everything cheap is checked above, before the (slow) synthetic demo slide is written.
+    if not slides:
+        slide, mask = demo_slide(args.out, args.demo_size or DEMO_SIZE, args.seed, log=log)
+        slides, truths = [slide], truths or [mask]
+        if args.weights is None:
+            log("segmenting it with the demo weights (trained on synthetic slides only) and its mask as truth")
     where = f"level {config.level}" if config.level is not None else f"target {config.target_mpp} um/px"
     log(f"model {model.model_name}({model.model_kwargs}) from {weights}; tiles {config.tile_size} px, overlap "
         f"{config.overlap}, {where}, batch {config.batch_size}, stitch {args.stitch}, device {args.device}")

@@ -732,6 +732,9 @@ def mask_path_for(slide_path) -> Path:
     return slide_path.with_name(slide_path.stem + ".mask.tif")
 
 
+MIN_SIDE = 64  # smaller than a tissue island: the slide would be all glass
+
+
 def write_synthetic_slide(out_path, width: int, height: int, seed: int = 0, fmt: str | None = None,
                           tile: int = 256, mpp: float = 0.25, quality: int = 90,
                           min_level_size: int = 1024) -> tuple[Path, Path]:
@@ -755,9 +758,9 @@ def write_synthetic_slide(out_path, width: int, height: int, seed: int = 0, fmt:
         raise ConfigError(f"fmt={fmt!r}: use 'aperio' (SVS) or 'tiff' (generic tiled TIFF), or None to "
                           f"follow the suffix of {out_path.name}")
     for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ConfigError(f"synthetic slide {name}={value!r}: the size must be positive integers, "
-                              f"e.g. 20000 x 15000")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < MIN_SIDE:
+            raise ConfigError(f"synthetic slide {name}={value!r}: use an integer of at least {MIN_SIDE} px "
+                              f"(a slide holds tissue islands of hundreds of pixels), e.g. 20000 x 15000")
     directory = out_path.parent if str(out_path.parent) else Path(".")
     if not directory.is_dir():
         raise SlideError(f"cannot write {out_path}: directory {directory} does not exist; create it first")

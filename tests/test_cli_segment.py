@@ -142,3 +142,21 @@ def test_torch_threads_is_set_for_the_run_and_restored(tmp_path, checkpoint, mon
                  "--torch-threads", "1", "--no-progress"]) == 0
     assert seen == [1] and torch.get_num_threads() == before
     assert main(["segment", str(a), "-o", str(tmp_path / "o"), "--torch-threads", "0"]) == 2
+
+
+def test_missing_truth_mask_is_named_as_the_truth_not_the_slide(tmp_path, checkpoint, capsys):
+    slide, _ = write_synthetic_slide(tmp_path / "a.svs", 512, 512, seed=3)
+    argv = ["segment", str(slide), "-o", str(tmp_path / "out"), "--weights", str(checkpoint),
+            "--truth", str(tmp_path / "nope.tif"), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr()
+    assert "truth mask" in err.err and "nope.tif" in err.err
+
+
+def test_unusable_output_directory_is_refused_before_any_work(tmp_path, checkpoint, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    argv = ["segment", "-o", str(blocker / "out"), "--weights", str(checkpoint), "--no-progress"]
+    assert main(argv) == 2
+    assert "cannot be created" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]   # no demo slide was written

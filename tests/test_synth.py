@@ -192,6 +192,7 @@ def test_mask_path_is_beside_the_slide(tmp_path):
     (("out.png", 64, 64), {}, ConfigError, r"unknown suffix '\.png'.*\.svs"),
     (("out.svs", 0, 64), {}, ConfigError, "width=0"),
     (("out.svs", 64, -3), {}, ConfigError, "height=-3"),
+    (("out.svs", 10, 10), {}, ConfigError, "at least 64"),
     (("out.svs", 64, 64), {"fmt": "jpeg"}, ConfigError, "fmt='jpeg'"),
     (("out.svs", 64, 64), {"seed": -1}, ConfigError, "seed=-1"),
     (("out.svs", 64, 64), {"mpp": 0}, ConfigError, "mpp=0"),

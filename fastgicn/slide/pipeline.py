@@ -280,6 +280,19 @@ def _file_identity(path) -> dict | None:
     return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def ensure_out_dir(out_dir) -> Path:
+    """Create the output directory once, up front, or say why it cannot be used."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output directory {out_dir} cannot be created ({exc.strerror or exc}): "
+                          "choose another -o") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ConfigError(f"output directory {out_dir} is not writable: choose another -o")
+    return out_dir
+
+
 def run_fingerprint(slide, model_fp: str, config: TileConfig, stitch: str, truth=None) -> str:
     """What decides whether existing outputs can be kept: model, config, stitch mode, slide and truth files."""
     h = hashlib.sha256()
@@ -615,6 +628,7 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
     if dup:
         raise ConfigError(f"slides {dup} would write outputs under the same name in {out_dir}: segment them "
                           "into different output directories")
+    ensure_out_dir(out_dir)
     model_fp = model_fingerprint(model)
     results = []
     for i, (slide, truth) in enumerate(zip(slides, truths)):
@@ -622,8 +636,9 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
         try:
             fp = run_fingerprint(slide, model_fp, config, stitch, truth)
         except OSError as exc:
-            msg = f"{slide}: cannot be read ({exc.strerror or exc}); skipped"
-            log(f"{label}: error: {msg}")
+            what = "truth mask" if truth is not None and str(exc.filename) == str(truth) else "slide"
+            msg = f"{what} {exc.filename or slide} cannot be read ({exc.strerror or exc}): check the path"
+            log(f"{label}: error: {msg}; skipped")
             results.append(SlideResult(str(slide), "failed", error=msg))
             continue
         if not force and outputs_complete(out_dir, stems[i], fp):
@@ -637,6 +652,12 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
         except FastGicnError as exc:
             log(f"{label}: error: {exc}; skipped")
             results.append(SlideResult(str(slide), "failed", error=str(exc)))
+            continue
+        except OSError as exc:  # e.g. a full disk while writing this slide's outputs: the others may still fit
+            msg = (f"writing the outputs of {slide} in {out_dir} failed ({exc.strerror or exc}"
+                   f"{': ' + str(exc.filename) if exc.filename else ''}): free disk space or choose another -o")
+            log(f"{label}: error: {msg}; skipped")
+            results.append(SlideResult(str(slide), "failed", error=msg))
             continue
         rep = res.report
         extra = f", Dice {rep['dice']['dice']:.4f}" if rep.get("dice") else ""

@@ -134,15 +134,15 @@ class Slide:
                         "the slide records no objective power)")
             else:
                 raise ConfigError(f"{self.name}: the slide records neither objective power nor MPP, so "
-                                  f"magnification {magnification:g}x cannot be placed; pass mpp= to "
-                                  "open_slide or choose a level by index")
+                                  f"magnification {magnification:g}x cannot be placed; give its MPP "
+                                  "(--mpp, or open_slide(..., mpp=)) or choose a level (--level, TileConfig(level=))")
         else:
             if not target_mpp > 0:
                 raise ConfigError(f"target_mpp={target_mpp!r}: use microns per pixel > 0 (40x is about 0.25)")
             if self.mpp is None:
                 raise ConfigError(f"{self.name}: the slide records no microns per pixel, so target_mpp="
-                                  f"{target_mpp:g} cannot be placed; pass mpp= to open_slide or choose a "
-                                  "level by index (TileConfig(level=...))")
+                                  f"{target_mpp:g} cannot be placed; give its MPP (--mpp, or "
+                                  "open_slide(..., mpp=)) or choose a level (--level, TileConfig(level=))")
             wanted = target_mpp / self.mpp
             what = f"{target_mpp:g} um/px"
         errors = [abs(ds / wanted - 1.0) for ds in self.level_downsamples]
