@@ -32,38 +32,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from rss import RssSampler, status_kib  # bench/rss.py: run these scripts as python bench/NAME.py
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-class RssSampler(threading.Thread):
-    """Samples VmRSS every `interval` seconds (ru_maxrss alone cannot say when the peak happened)."""
-
-    def __init__(self, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.interval, self.peak_kib, self.samples = interval, 0, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
-            self.samples += 1
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
 
 
 def _model(weights: str | None):
@@ -141,7 +115,7 @@ def child_real(args) -> dict:
     from fastgicn.slide.pipeline import peak_rss_mb, segment_slide
 
     model, config, weights = _model(args.weights)
-    rss0 = _status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     sampler = RssSampler()
     sampler.start()
     with tempfile.TemporaryDirectory(dir=args.tmp) as out:
@@ -203,7 +177,7 @@ def child_sparse(args) -> dict:
                   (height // 4 + j * height // 2 - core // 2) // step * step) for j in range(2) for i in range(2)]
     SparseSlide = sparse_slide_class()
     slide = SparseSlide(width, height, patch, positions)
-    rss0 = _status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     sampler = RssSampler()
     sampler.start()
     t0 = time.perf_counter()

@@ -18,34 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-class RssSampler(threading.Thread):
-    def __init__(self, interval: float = 0.1):
-        super().__init__(daemon=True)
-        self.interval, self.peak_kib, self.samples = interval, 0, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
-            self.samples += 1
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
+from rss import RssSampler, status_kib  # bench/rss.py: run these scripts as python bench/NAME.py
 
 
 def child(size: int, seed: int, fmt: str, out_dir: Path, keep: bool) -> dict:
@@ -66,8 +42,8 @@ def child(size: int, seed: int, fmt: str, out_dir: Path, keep: bool) -> dict:
             timings.append(time.perf_counter() - t0)
 
     pyramid_tiff.write_pyramid = timed_write
-    rss_before_kib = _status_kib("VmRSS")
-    sampler = RssSampler()
+    rss_before_kib = status_kib("VmRSS")
+    sampler = RssSampler(interval=0.1)
     sampler.start()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -82,7 +58,7 @@ def child(size: int, seed: int, fmt: str, out_dir: Path, keep: bool) -> dict:
         "megapixels_per_s": round(size * size / wall / 1e6, 2),
         "rss_before_write_mib": round(rss_before_kib / 1024, 1),
         "peak_rss_mib_getrusage": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_rss_mib_vmhwm": round(_status_kib("VmHWM") / 1024, 1),
+        "peak_rss_mib_vmhwm": round(status_kib("VmHWM") / 1024, 1),
         "peak_rss_mib_sampled": round(sampler.peak_kib / 1024, 1), "rss_samples": sampler.samples,
         "slide_bytes": slide_path.stat().st_size, "mask_bytes": mask_path.stat().st_size,
         "raw_rgb_bytes": size * size * 3,

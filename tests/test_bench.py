@@ -7,14 +7,7 @@ import torch
 from fastgicn import bench
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread while these tests run: on cores shared with other jobs torch's OpenMP threads stall
-    (30x slower seen on a busy 2-core machine); correctness does not depend on it. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):
@@ -85,7 +78,6 @@ def test_goals_are_judged_only_on_an_h100_with_the_full_model():
                              "patches_per_s": 1100.0, "latency_ms": {"p50": 2.0}}],
                 "end_to_end": {"ratio_to_model_only": 0.8}}
 
-    import torch
     g = bench.goals(result("NVIDIA H100 80GB HBM3"), torch.device("cuda"))
     assert g["applies"] and g["patches_per_s"]["met"] and not g["latency_p50_ms"]["met"]
     assert g["compiled_over_default"]["met"] and not g["end_to_end_ratio"]["met"]

@@ -15,13 +15,7 @@ from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Torch's OpenMP threads stall badly when other processes keep the cores busy: one thread is steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Tiny(nn.Module):

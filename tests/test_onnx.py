@@ -27,14 +27,7 @@ STANDARD_OPS = {"Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "C
                 "Reshape", "ConstantOfShape", "Equal", "Where", "Expand"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread while these tests run: on cores shared with other jobs torch's OpenMP threads stall
-    (30x slower seen on a busy 2-core machine); correctness does not depend on it. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

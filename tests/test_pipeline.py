@@ -21,13 +21,7 @@ from fastgicn.slide.pipeline import (DEMO_WEIGHTS, Progress, output_paths, outpu
 from fastgicn.slide.pyramid_tiff import write_pyramid
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Torch's OpenMP threads stall badly when other processes keep the cores busy: one thread is steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class LocalModel(nn.Module):
