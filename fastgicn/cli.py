@@ -154,10 +154,22 @@ def _segment(args, slides, truths, log) -> int:
         slides, truths = [slide], truths or [mask]
         if args.weights is None:
             log("segmenting it with the demo weights (trained on synthetic slides only) and its mask as truth")
+    forward, model_fp, how = model, None, "torch (eager reference)"
+    if args.backend != "torch":
+        from .engine import Engine
+        from .engine.base import model_fingerprint
+
+        engine = Engine(model, backend=args.backend, precision=args.precision, device=args.device,
+                        batch_size=config.batch_size, tile_size=config.tile_size)
+        forward, model_fp, how = engine.backend, model_fingerprint(model), engine.describe()
+        for name in ("model_name", "model_kwargs"):  # for the report
+            setattr(forward, name, getattr(model, name))
     where = f"level {config.level}" if config.level is not None else f"target {config.target_mpp} um/px"
     log(f"model {model.model_name}({model.model_kwargs}) from {weights}; tiles {config.tile_size} px, overlap "
         f"{config.overlap}, {where}, batch {config.batch_size}, stitch {args.stitch}, device {args.device}")
-    results = segment_slides(slides, args.out, model, config, args.device, truths=truths, stitch=args.stitch,
+    log(how if how.startswith("Engine") else f"backend: {how}")
+    results = segment_slides(slides, args.out, forward, config, args.device, truths=truths, stitch=args.stitch,
+                             model_fp=model_fp,
                              force=args.force, log=log, threads=args.threads, handles=args.handles,
                              mpp=args.mpp, weights=weights, progress=False if args.no_progress else None)
     for r in results:
@@ -215,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stitch", choices=["crop", "blend"], default="blend",
                    help="blend the overlap with linear ramps (no seam), or crop it at its middle (less memory)")
     p.add_argument("--threads", type=int, default=2, help="reader threads")
+    p.add_argument("--backend", default="torch",
+                   choices=["torch", "auto", "compiled", "onnxruntime", "tensorrt"],
+                   help="engine backend for the forward pass (auto: the fastest that builds and matches torch)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="with --backend other than torch (auto: fp16 on a GPU, fp32 on a CPU)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the network (default: torch's, or 1 when the cores are already busy)")
     p.add_argument("--handles", choices=["shared", "per_thread"], default="shared",

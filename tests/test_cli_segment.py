@@ -154,3 +154,19 @@ def test_unusable_output_directory_is_refused_before_any_work(tmp_path, checkpoi
     assert main(argv) == 2
     assert "cannot be created" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]   # no demo slide was written
+
+
+def test_onnxruntime_backend_gives_the_torch_mask(tmp_path, checkpoint, capsys):
+    import tifffile
+
+    slide, _ = write_synthetic_slide(tmp_path / "a.svs", 1024, 768, seed=5, min_level_size=256)
+    masks = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        argv = ["segment", str(slide), "-o", str(out), "--weights", str(checkpoint), "--backend", backend,
+                "--no-progress"]
+        assert main(argv) == 0
+        masks[backend] = tifffile.imread(out / "a.tumour_mask.tif", key=0)
+        assert f"backend: {backend}" in capsys.readouterr().err
+    assert masks["torch"].shape == masks["onnxruntime"].shape
+    assert (masks["torch"] == masks["onnxruntime"]).mean() >= 0.999

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BackendUnavailable, ConfigError, EngineBuildError, FastGicnError
-from .base import PRECISIONS, TOLERANCE, check_batch, check_precision, reference_copy, relative_error, resolve_device
+from ..errors import BackendUnavailable, ConfigError, EngineBuildError
+from .base import (PRECISIONS, TOLERANCE, check_batch, check_precision, model_fingerprint, reference_copy,
+                   relative_error, resolve_device)
 
 log = logging.getLogger("fastgicn.engine")
 
@@ -288,23 +289,8 @@ class Engine:
         `config` defaults to the checkpoint's tile config, else TileConfig(tile_size, batch_size) of this engine.
         Returns the pipeline's SlideResult (its `report` holds seconds per stage).
         """
-        try:
-            from ..slide import pipeline
-        except ImportError as exc:
-            raise BackendUnavailable(f"the whole-slide pipeline (fastgicn.slide.pipeline) is not available in "
-                                     f"this installation ({exc}); segment tiles with Engine.predict or "
-                                     "Engine.stream meanwhile") from exc
-        fn = getattr(pipeline, "segment_slide", None)
-        if fn is None:
-            raise BackendUnavailable("fastgicn.slide.pipeline has no segment_slide(); update fastgicn")
-        params = inspect.signature(fn).parameters
-        if "engine" in params:  # a pipeline that drives the engine itself
-            return fn(path, out_dir, engine=self, **kwargs)
-        if "model" not in params:
-            raise FastGicnError("fastgicn.slide.pipeline.segment_slide takes neither engine= nor model=; cannot "
-                                "hand it this engine")
         from ..config import TileConfig
-        from .base import model_fingerprint
+        from ..slide.pipeline import segment_slide
 
         config = kwargs.pop("config", None)
         if config is None:
@@ -314,12 +300,11 @@ class Engine:
         if config.batch_size > self.batch_size:
             raise ConfigError(f"config.batch_size={config.batch_size} exceeds this engine's batch_size="
                               f"{self.batch_size}: build the Engine with batch_size={config.batch_size}")
-        if "model_fp" in params and "model_fp" not in kwargs:
-            kwargs["model_fp"] = model_fingerprint(self.model)
+        kwargs.setdefault("model_fp", model_fingerprint(self.model))
         for name in ("model_name", "model_kwargs"):  # for the pipeline's report
             if not hasattr(self.backend, name):
                 setattr(self.backend, name, getattr(self.model, name, None))
-        return fn(path, out_dir, self.backend, config=config, device=self.device, **kwargs)
+        return segment_slide(path, out_dir, self.backend, config=config, device=self.device, **kwargs)
 
 
 def default_precisions(device: torch.device) -> list[str]:

@@ -176,20 +176,14 @@ def resolve_device(device) -> torch.device:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 of the model's name, kwargs, normalisation and weights (what makes two runs' outputs equal)."""
-    h = hashlib.sha256()
-    meta = {"model_name": getattr(model, "model_name", type(model).__name__),
-            "model_kwargs": getattr(model, "model_kwargs", {}),
-            "mean": list(getattr(model, "mean", ())), "std": list(getattr(model, "std", ()))}
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    """sha256 of the model's name, kwargs, normalisation and weights (what makes two runs' outputs equal);
+    `model` is a torch module or an engine backend holding one as `.model`."""
+    from ..engine.base import model_fingerprint as module_fingerprint
+
     module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
-    if isinstance(module, torch.nn.Module):
-        for key, value in sorted(module.state_dict().items()):
-            t = value.detach().to("cpu")
-            t = t.float() if t.is_floating_point() else t
-            h.update(key.encode())
-            h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"cannot fingerprint {type(model).__name__}: pass a torch model or an engine backend")
+    return module_fingerprint(module)
 
 
 class _Runner:
@@ -629,7 +623,7 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
         raise ConfigError(f"slides {dup} would write outputs under the same name in {out_dir}: segment them "
                           "into different output directories")
     ensure_out_dir(out_dir)
-    model_fp = model_fingerprint(model)
+    model_fp = kwargs.pop("model_fp", None) or model_fingerprint(model)
     results = []
     for i, (slide, truth) in enumerate(zip(slides, truths)):
         label = f"[{i + 1}/{len(slides)}] {slide}"
