@@ -6,8 +6,6 @@ weights, so each tolerance measures only the kernel's own rounding.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -15,16 +13,11 @@ from fastgicn.errors import ConfigError
 from fastgicn.kernels import INTERPRETED, GicnConfig, TritonGICN, gicn_forward, use_reference, use_triton
 from fastgicn.models import create_model
 from fastgicn.models.gicn import GICN
+from kernel_checks import assert_matches, reference  # tests/kernel_checks.py
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-# |y - ref| <= atol * max|ref| + rtol * |ref|: fp32 is exact accumulation order aside (TF32 off in these tests);
-# 16-bit outputs are one rounding of an fp32-accumulated value.
-TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-
 pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
@@ -41,17 +34,6 @@ def make_input(n, c, h, w, dtype=torch.float32, channels_last=False, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g).to(DEV, dtype)
     return x.to(memory_format=torch.channels_last) if channels_last else x
-
-
-def reference(module, x):
-    with torch.no_grad():
-        return copy.deepcopy(module).float()(x.float())
-
-
-def assert_matches(y, ref, dtype):
-    atol, rtol = TOL[dtype]
-    assert y.dtype == dtype and y.shape == ref.shape
-    torch.testing.assert_close(y.float(), ref, atol=atol * ref.abs().max().item(), rtol=rtol)
 
 
 CASES = [

@@ -6,23 +6,17 @@ that folding them is exercised; the reference runs in float32 on the same rounde
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from fastgicn.errors import ConfigError
 from fastgicn.kernels import TritonGPP, gpp_forward, gpp_output_buffer, use_reference, use_triton
 from fastgicn.models.gpp import GPP
+from kernel_checks import assert_matches, reference  # tests/kernel_checks.py
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-# |y - ref| <= atol * max|ref| + rtol * |ref|
-TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-
 pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
@@ -43,17 +37,6 @@ def make_input(n, c, h, w, dtype=torch.float32, channels_last=False, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g).add_(0.3).to(DEV, dtype)   # mean > 0: pooled values not ~0
     return x.to(memory_format=torch.channels_last) if channels_last else x
-
-
-def reference(module, x):
-    with torch.no_grad():
-        return copy.deepcopy(module).float()(x.float())
-
-
-def assert_matches(y, ref, dtype):
-    atol, rtol = TOL[dtype]
-    assert y.dtype == dtype and y.shape == ref.shape
-    torch.testing.assert_close(y.float(), ref, atol=atol * ref.abs().max().item(), rtol=rtol)
 
 
 CASES = [

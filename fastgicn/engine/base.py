@@ -118,6 +118,12 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}: use a positive integer")
+    return batch_size
+
+
 class Backend:
     """The interface shared by all backends (see the module docstring)."""
 
@@ -127,9 +133,7 @@ class Backend:
         self.precision = check_precision(precision)
         self.dtype = PRECISIONS[precision]
         self.device = torch.device(device)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size!r}: use a positive integer")
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.mean = tuple(float(v) for v in model.mean)
         self.std = tuple(float(v) for v in model.std)
         self.num_classes = int(model.head.out_channels)

@@ -128,16 +128,14 @@ class OnnxRuntimeBackend:
                  threads: int | None = None, opset: int | None = None):
         import torch
 
-        from .base import PRECISIONS, check_precision, reference_copy
+        from .base import PRECISIONS, check_batch_size, check_precision, reference_copy
         from .export import DEFAULT_OPSET
 
         ort = _require_ort()
         self.precision = check_precision(precision)
         self.dtype = PRECISIONS[precision]
         self.device = torch.device(device)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size!r}: use a positive integer")
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         if precision == "bf16":
             raise BackendUnavailable("onnxruntime backend: bf16 is not supported (ONNX Conv has no bfloat16 "
                                      "before opset 22 and ONNX Runtime rejects the graph); use precision='fp16' "

@@ -219,7 +219,7 @@ class TensorRTBackend:
                  max_batch_size: int | None = None, cache_dir=None, workspace_gib: float = 4.0):
         import torch
 
-        from .base import PRECISIONS, check_precision, reference_copy, resolve_device
+        from .base import PRECISIONS, check_batch_size, check_precision, reference_copy, resolve_device
 
         trt = require_tensorrt()
         self.precision = check_precision(precision)
@@ -228,9 +228,7 @@ class TensorRTBackend:
         if self.device.type != "cuda":
             raise BackendUnavailable("the tensorrt backend needs a CUDA GPU; use backend='onnxruntime' or "
                                      "'torch' on CPU")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size!r}: use a positive integer")
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.max_batch_size = max(batch_size, max_batch_size or batch_size)
         self._model = reference_copy(model).cpu()
         self.mean = tuple(float(v) for v in self._model.mean)
