@@ -724,6 +724,69 @@ def _reduce(rgb: np.ndarray, mask: np.ndarray, d: int):
 
 SLIDE_SUFFIXES = {".svs": "aperio", ".tif": "tiff", ".tiff": "tiff"}
 SLIDE_FORMATS = ("aperio", "tiff")
+# "aperio": as an Aperio 40x scanner lays out an SVS (level 0, a stripped thumbnail, tiled levels at
+# downsample 4, 16, 64, ..., a label and a macro image); "pow2": a tiled level at every power of two.
+SLIDE_LAYOUTS = ("aperio", "pow2")
+DEFAULT_SVS_LAYOUT = "pow2"  # the layout of a .svs when none is asked for (.tif is always "pow2")
+LABEL_SIZE = (415, 422)  # width, height of the synthetic label image (an Aperio label's usual size)
+_LABEL_PAPER = (250, 250, 247)
+_LABEL_INK = (28, 30, 36)
+_MACRO_GLASS = (208, 214, 218)  # the slide glass as a macro camera sees it, darker than brightfield white
+# A 3 x 5 pixel font for the label's text: each glyph is 5 rows of 3 bits.
+_GLYPHS = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
+    "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "C": "111100100100111",
+    "D": "110101101101110", "E": "111100111100111", "F": "111100111100100", "G": "111100101101111",
+    "H": "101101111101101", "I": "111010010010111", "N": "110101101101101", "S": "111100111001111",
+    "T": "111010010010010", "Y": "101101010010010", "-": "000000111000000", " ": "000000000000000",
+}
+
+
+def synthetic_label(seed: int, size: tuple[int, int] = LABEL_SIZE) -> np.ndarray:
+    """A plausible slide label, `size` = (width, height): white paper with three lines of block text
+    ("FASTGICN", "SYNTHETIC", "SEED <seed>") and a barcode of the seed's bits, in dark ink (uint8 RGB)."""
+    w, h = size
+    canvas = np.ones((h, w), bool)  # True = paper
+    margin = max(2, w // 20)
+    lines = ["FASTGICN", "SYNTHETIC", f"SEED {seed}"]
+    scale = max(1, min((w - 2 * margin) // (4 * max(map(len, lines))), (h // 2) // (6 * len(lines))))
+    y = margin
+    for text in lines:
+        x = margin
+        for char in text:
+            glyph = np.array([c == "1" for c in _GLYPHS[char]]).reshape(5, 3)
+            block = np.kron(glyph, np.ones((scale, scale), bool))
+            canvas[y:y + 5 * scale, x:x + 3 * scale][block[:h - y, :w - x]] = False
+            x += 4 * scale
+        y += 6 * scale
+    # barcode: start bars, then 32 bits of the seed as wide (1) or narrow (0) bars, then stop bars
+    bits = [1, 0, 1] + [(seed >> k) & 1 for k in range(31, -1, -1)] + [1, 0, 1]
+    module = max(1, (w - 2 * margin) // sum(5 if bit else 3 for bit in bits))  # a bar and its gap
+    top, bottom = max(y + margin, h - h // 4 - margin), h - margin
+    x = margin
+    for bit in bits:
+        width = 3 * module if bit else module
+        canvas[top:bottom, x:x + width] = False
+        x += width + 2 * module
+    return np.where(canvas[..., None], np.uint8(_LABEL_PAPER), np.uint8(_LABEL_INK)).astype(np.uint8)
+
+
+def synthetic_macro(overview: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """A macro-camera view: the low-resolution slide `overview` and a reduced `label` side by side on
+    slide glass (uint8 RGB; the label at the left end, as on a glass slide)."""
+    h, w = overview.shape[:2]
+    pad = max(4, h // 10)
+    height = h + 2 * pad
+    d = max(1, math.ceil(label.shape[0] / (height - 2 * pad)))  # integer box reduction of the label
+    lh, lw = label.shape[0] // d, label.shape[1] // d
+    small = label[:lh * d, :lw * d].reshape(lh, d, lw, d, 3).astype(np.uint32).sum(axis=(1, 3))
+    small = ((small + d * d // 2) // (d * d)).astype(np.uint8)
+    macro = np.empty((height, lw + w + 4 * pad, 3), np.uint8)
+    macro[:] = np.uint8(_MACRO_GLASS)
+    macro[pad:pad + lh, pad:pad + lw] = small
+    macro[pad:pad + h, lw + 3 * pad:lw + 3 * pad + w] = overview
+    return macro
 
 
 def mask_path_for(slide_path) -> Path:
@@ -737,15 +800,21 @@ MIN_SIDE = 64  # smaller than a tissue island: the slide would be all glass
 
 def write_synthetic_slide(out_path, width: int, height: int, seed: int = 0, fmt: str | None = None,
                           tile: int = 256, mpp: float = 0.25, quality: int = 90,
-                          min_level_size: int = 1024) -> tuple[Path, Path]:
+                          min_level_size: int = 1024, layout: str | None = None) -> tuple[Path, Path]:
     """Write a synthetic slide and its ground-truth mask; return (slide_path, mask_path).
 
     The slide is a pyramidal tiled JPEG TIFF: Aperio-style SVS (ImageDescription with ``AppMag`` = 10 / mpp
     and ``MPP``) for `fmt="aperio"`, a generic tiled TIFF for `fmt="tiff"`; `fmt=None` picks it from the
-    suffix (.svs, or .tif/.tiff). The mask, ``<stem>.mask.tif`` beside it, is a pyramidal deflate TIFF
-    aligned to level 0 (0 = normal or glass, 255 = tumour; lower levels by 2x2 majority, ties to tumour).
-    Both carry the MPP. Memory stays bounded by a band of tiles however large the slide; each file appears
-    under its name only once complete, and if the slide fails its new mask is removed.
+    suffix (.svs, or .tif/.tiff). `layout="pow2"` writes a tiled level at every power of two until the long
+    side is at most `min_level_size`; `layout="aperio"` (SVS only) lays the file out as an Aperio 40x scanner
+    does: level 0, a stripped JPEG thumbnail (long side at most 1024 px), tiled levels at downsample 4, 16,
+    64, ... (each the 2x reduction of the 2x reduction), a label image (`synthetic_label`, stripped LZW) and
+    a macro image (`synthetic_macro`, stripped JPEG). `layout=None` is `DEFAULT_SVS_LAYOUT` for a .svs and
+    "pow2" otherwise. The mask, ``<stem>.mask.tif`` beside it, is a pyramidal deflate TIFF aligned to level 0
+    with a level at every power of two whatever the layout (0 = normal or glass, 255 = tumour; lower levels
+    by 2x2 majority, ties to tumour). Both carry the MPP. Memory stays bounded by a band of tiles however
+    large the slide; each file appears under its name only once complete, and if the slide fails its new
+    mask is removed.
     """
     out_path = Path(out_path)
     suffix = out_path.suffix.lower()
@@ -757,6 +826,17 @@ def write_synthetic_slide(out_path, width: int, height: int, seed: int = 0, fmt:
     if fmt not in SLIDE_FORMATS:
         raise ConfigError(f"fmt={fmt!r}: use 'aperio' (SVS) or 'tiff' (generic tiled TIFF), or None to "
                           f"follow the suffix of {out_path.name}")
+    if layout is None:
+        layout = DEFAULT_SVS_LAYOUT if suffix == ".svs" and fmt == "aperio" else "pow2"
+    if layout not in SLIDE_LAYOUTS:
+        raise ConfigError(f"layout={layout!r}: use 'aperio' (an Aperio scanner's SVS: levels 1, 4, 16, ... "
+                          "with thumbnail, label and macro) or 'pow2' (a level at every power of two)")
+    if layout == "aperio" and suffix != ".svs":
+        raise ConfigError(f"output {out_path}: layout 'aperio' is an Aperio SVS layout; name the file .svs, "
+                          "or use layout 'pow2' for a generic tiled TIFF")
+    if layout == "aperio" and fmt != "aperio":
+        raise ConfigError(f"output {out_path}: layout 'aperio' needs fmt 'aperio' (or None), not {fmt!r}; "
+                          "or use layout 'pow2'")
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < MIN_SIDE:
             raise ConfigError(f"synthetic slide {name}={value!r}: use an integer of at least {MIN_SIDE} px "
@@ -779,11 +859,16 @@ def write_synthetic_slide(out_path, width: int, height: int, seed: int = 0, fmt:
         description = f"Title = fastgicn synthetic H&E-like slide, seed {seed}"
     else:
         description = f"fastgicn synthetic H&E-like slide (not real tissue), seed {seed}, mpp {mpp}"
+    pages = {}
+    if layout == "aperio":
+        label = synthetic_label(seed)
+        pages = dict(level_step=4, thumbnail=True, label=label,
+                     macro=lambda overview: synthetic_macro(overview, label))
     try:
         write_pyramid(out_path, width, height, lambda x, y, w, h: slide.render(x, y, w, h)[0], channels=3,
                       tile=tile, compression="jpeg", quality=quality, mpp=mpp, aperio=aperio,
                       app_mag=round(10.0 / mpp, 2) if aperio else None, min_level_size=min_level_size,
-                      description=description)
+                      description=description, **pages)
     except BaseException:
         mask_path.unlink(missing_ok=True)
         raise

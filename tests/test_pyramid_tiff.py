@@ -275,3 +275,109 @@ def test_missing_directory_raises_slide_error(tmp_path):
     with pytest.raises(SlideError, match="does not exist"):
         write_pyramid(tmp_path / "nowhere" / "x.tif", 64, 64,
                       lambda x, y, w, h: np.zeros((h, w, 3), np.uint8))
+
+
+def test_pyramid_sizes_with_a_level_step_of_four():
+    assert pyramid_sizes(20000, 15000, level_step=4) == [(20000, 15000), (5000, 3750), (1250, 938),
+                                                         (313, 235)]
+    # each level is the 2x halving (rounded up) of the 2x halving
+    assert pyramid_sizes(1001, 703, min_level_size=100, level_step=4) == [(1001, 703), (251, 176), (63, 44)]
+    assert pyramid_sizes(1001, 703, 100, level_step=2)[::2] == pyramid_sizes(1001, 703, 100, level_step=4)
+
+
+def test_aperio_layout_opens_in_openslide_and_tifffile(tmp_path):
+    """Level 0, a stripped thumbnail, tiled levels at downsample 4, 16, 64, a label and a macro: what an
+    Aperio scanner writes. Lossless, so every stored level is exactly the 2x-of-2x reduction of level 0."""
+    h, w = 1291, 2111  # odd: cut edges at every level
+    img = np.random.default_rng(3).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = np.random.default_rng(4).integers(0, 256, (422, 415, 3), dtype=np.uint8)
+    seen = []
+
+    def macro(overview):
+        seen.append(overview.copy())
+        return np.pad(overview, ((7, 7), (9, 9), (0, 0)), constant_values=200)
+
+    path = tmp_path / "scanner.svs"
+    calls = []
+    levels = write_pyramid(path, w, h, tile_reader(img, calls), tile=128, compression="deflate", mpp=0.2527,
+                           aperio=True, app_mag=40, min_level_size=40, level_step=4, thumbnail=True,
+                           label=label, macro=macro, description="Title = test")
+    assert len(calls) == len(set(calls)) == 17 * 11  # level 0 read once, the thumbnail comes from the cascade
+    ladder = [img]  # the 2x cascade computed with NumPy
+    while max(ladder[-1].shape[:2]) > 20:
+        ladder.append(reference_reduce(ladder[-1], "mean"))
+    expected = [ladder[0], ladder[2], ladder[4], ladder[6]]  # 2111, 528, 132, 33 wide
+    thumb = ladder[2]  # 2111 -> 1056 -> 528: the largest 2x level with a long side <= 1024
+    assert [(lv.width, lv.height) for lv in levels] == [(e.shape[1], e.shape[0]) for e in expected]
+    assert len(seen) == 1 and np.array_equal(seen[0], thumb)
+
+    slide = openslide.OpenSlide(path)
+    assert slide.properties["openslide.vendor"] == "aperio"
+    assert slide.level_dimensions == tuple((e.shape[1], e.shape[0]) for e in expected)
+    for got, want in zip(slide.level_downsamples, [1, 4, 16, 64]):
+        assert got == pytest.approx(want, rel=0.03)
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.2527)
+    assert slide.properties["openslide.objective-power"] == "40"
+    assert slide.properties["aperio.Title"] == "test"
+    assoc = slide.associated_images
+    assert sorted(assoc) == ["label", "macro", "thumbnail"]
+    assert assoc["thumbnail"].size == (528, 323) and assoc["label"].size == (415, 422)
+    assert assoc["macro"].size == (528 + 18, 323 + 14)
+    assert np.array_equal(np.asarray(assoc["label"])[..., :3], label)
+    assert np.array_equal(np.asarray(assoc["thumbnail"])[..., :3], thumb)
+    for k, e in enumerate(expected):
+        got = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]))[..., :3]
+        assert np.array_equal(got, e), f"level {k}"
+
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_svs
+        series = {s.name: s for s in tif.series}
+        assert list(series) == ["Baseline", "Thumbnail", "Label", "Macro"]
+        base = tif.series[0]
+        assert [lv.shape[-3:] for lv in base.levels] == [e.shape for e in expected]
+        for lv, e in zip(base.levels, expected):
+            assert np.array_equal(lv.asarray().reshape(e.shape), e)
+        assert np.array_equal(series["Thumbnail"].asarray(), thumb)
+        assert np.array_equal(series["Label"].asarray(), label)
+        assert series["Macro"].shape == (337, 546, 3)
+        pages = tif.pages
+        assert [p.is_tiled for p in pages] == [True, False, True, True, True, False, False]
+        assert [p.subfiletype for p in pages] == [0, 0, 0, 0, 0, 1, 9]
+        assert pages[1].description == ("Aperio Image Library v12.0.15\r\n2111x1291 -> 528x323 - "
+                                        "|AppMag = 40|MPP = 0.2527|Title = test")
+        assert pages[2].description.startswith(
+            "Aperio Image Library v12.0.15\r\n2111x1291 [0,0 2111x1291] (128x128) -> 528x323 DEFLATE|AppMag")
+        assert pages[5].description == "Aperio Image Library v12.0.15\r\nlabel 415x422"
+        assert pages[6].description == "Aperio Image Library v12.0.15\r\nmacro 546x337"
+        assert pages[5].compression == tifffile.COMPRESSION.LZW
+        assert pages[6].compression == tifffile.COMPRESSION.JPEG
+
+
+def test_aperio_jpeg_thumbnail_and_small_slide(tmp_path):
+    """JPEG throughout (as scanners write it), on a slide whose level 0 is already thumbnail-sized."""
+    img = smooth_rgb(300, 500)
+    path = tmp_path / "small.svs"
+    write_pyramid(path, 500, 300, tile_reader(img), tile=128, mpp=0.25, aperio=True, app_mag=40,
+                  min_level_size=128, level_step=4, thumbnail=True)
+    slide = openslide.OpenSlide(path)
+    assert slide.level_dimensions == ((500, 300), (125, 75))
+    assert sorted(slide.associated_images) == ["thumbnail"]
+    thumb = np.asarray(slide.associated_images["thumbnail"])[..., :3].astype(np.int16)
+    assert thumb.shape == img.shape and np.abs(thumb - img).mean() < 1.5  # level 0 itself, JPEG q90
+    level1 = np.asarray(slide.read_region((0, 0), 1, (125, 75)))[..., :3].astype(np.int16)
+    assert np.abs(level1 - reference_reduce(reference_reduce(img, "mean"), "mean")).mean() < 2.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(level_step=3), "level_step=3"),
+    (dict(level_step=1), "level_step=1"),
+    (dict(thumbnail=True), "aperio=True"),
+    (dict(label=np.zeros((8, 8, 3), np.uint8)), "aperio=True"),
+    (dict(aperio=True, thumbnail=4), "thumbnail=4"),
+    (dict(aperio=True, label=np.zeros((8, 8, 4), np.uint8)), r"label image uint8 \(8, 8, 4\)"),
+    (dict(aperio=True, macro=lambda small: small.astype(float)), r"macro image float64"),
+])
+def test_bad_aperio_pages_raise_config_error(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        write_pyramid(tmp_path / "x.svs", 64, 64, lambda x, y, w, h: np.zeros((h, w, 3), np.uint8), **kwargs)
+    assert os.listdir(tmp_path) == []

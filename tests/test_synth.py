@@ -8,8 +8,12 @@ import openslide
 import pytest
 from scipy import ndimage
 
+import tifffile
+
+from fastgicn import cli, synth
 from fastgicn.errors import ConfigError, SlideError
-from fastgicn.synth import XS_AREA_LIMIT, SyntheticSlide, mask_path_for, write_synthetic_slide
+from fastgicn.synth import (LABEL_SIZE, XS_AREA_LIMIT, SyntheticSlide, mask_path_for, synthetic_label,
+                            write_synthetic_slide)
 
 W, H, SEED = 2048, 1536, 7
 
@@ -27,9 +31,17 @@ def whole(slide):
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """The same slide written as SVS and as generic TIFF, each with its mask."""
+    """The same slide written as SVS and as generic TIFF (a level at every power of two), with its mask."""
     out = tmp_path_factory.mktemp("synth")
-    return {fmt: write_synthetic_slide(out / f"slide.{fmt}", W, H, seed=SEED) for fmt in ("svs", "tif")}
+    return {fmt: write_synthetic_slide(out / f"slide.{fmt}", W, H, seed=SEED, layout="pow2")
+            for fmt in ("svs", "tif")}
+
+
+@pytest.fixture(scope="module")
+def written_aperio(tmp_path_factory):
+    """The same slide in the Aperio scanner layout: levels 1, 4, 16 (long side down to <= 200 px)."""
+    out = tmp_path_factory.mktemp("synth_aperio")
+    return write_synthetic_slide(out / "scanner.svs", W, H, seed=SEED, layout="aperio", min_level_size=200)
 
 
 def block_mean(img: np.ndarray, d: int) -> np.ndarray:
@@ -196,6 +208,9 @@ def test_mask_path_is_beside_the_slide(tmp_path):
     (("out.svs", 64, 64), {"fmt": "jpeg"}, ConfigError, "fmt='jpeg'"),
     (("out.svs", 64, 64), {"seed": -1}, ConfigError, "seed=-1"),
     (("out.svs", 64, 64), {"mpp": 0}, ConfigError, "mpp=0"),
+    (("out.tif", 64, 64), {"layout": "aperio"}, ConfigError, r"out\.tif: layout 'aperio'.*file \.svs"),
+    (("out.svs", 64, 64), {"layout": "aperio", "fmt": "tiff"}, ConfigError, "needs fmt 'aperio'"),
+    (("out.svs", 64, 64), {"layout": "pyramid"}, ConfigError, "layout='pyramid'"),
     (("missing/out.svs", 64, 64), {}, SlideError, "does not exist"),
 ])
 def test_bad_arguments_name_the_value(tmp_path, args, kwargs, error, message):
@@ -218,3 +233,81 @@ def test_a_failed_slide_leaves_neither_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_synthetic_slide(tmp_path / "s.svs", 1024, 768, seed=1)
     assert os.listdir(tmp_path) == []
+
+
+def test_aperio_layout_reads_like_a_scanner_svs_in_openslide_and_tifffile(written_aperio, whole):
+    slide_path, mask_path = written_aperio
+    rgb, mask = whole
+    dims = ((W, H), (W // 4, H // 4), (W // 16, H // 16))
+    s = openslide.OpenSlide(slide_path)
+    assert s.properties["openslide.vendor"] == "aperio"
+    assert s.level_dimensions == dims
+    assert s.level_downsamples == pytest.approx((1.0, 4.0, 16.0))
+    assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+    assert s.properties["openslide.objective-power"] == "40"
+    assoc = s.associated_images
+    assert sorted(assoc) == ["label", "macro", "thumbnail"]
+    assert assoc["thumbnail"].size == (W // 2, H // 2)  # the largest 2x level with a long side <= 1024
+    assert assoc["label"].size == LABEL_SIZE
+    assert np.array_equal(np.asarray(assoc["label"])[..., :3], synthetic_label(SEED))  # LZW: exact
+    macro = np.asarray(assoc["macro"])[..., :3]
+    assert macro.shape[0] > H // 2 and macro.shape[1] > W // 2 + LABEL_SIZE[0] // 2
+
+    # each stored level against the exact 2x-of-2x reduction of the render (JPEG q90 error only)
+    ideal = rgb
+    for k, (w, h) in enumerate(dims):
+        got = np.asarray(s.read_region((0, 0), k, (w, h)))[..., :3].astype(np.int16)
+        assert np.abs(got - ideal).mean() < 3.0, k
+        ideal = block_mean(block_mean(ideal, 2), 2)
+    thumb = np.asarray(assoc["thumbnail"])[..., :3].astype(np.int16)
+    assert np.abs(thumb - block_mean(rgb, 2)).mean() < 3.0
+
+    with tifffile.TiffFile(slide_path) as tif:
+        assert tif.is_svs
+        assert [x.name for x in tif.series] == ["Baseline", "Thumbnail", "Label", "Macro"]
+        levels = tif.series[0].levels
+        assert [lv.shape[-3:] for lv in levels] == [(h, w, 3) for w, h in dims]
+        level1 = levels[1].asarray().reshape(H // 4, W // 4, 3).astype(np.int16)
+        assert np.abs(level1 - block_mean(block_mean(rgb, 2), 2)).mean() < 3.0
+        assert tif.series[1].shape == (H // 2, W // 2, 3)
+        assert tif.series[2].shape == (LABEL_SIZE[1], LABEL_SIZE[0], 3)
+        thumb_head = f"Aperio Image Library v12.0.15\r\n{W}x{H} -> {W // 2}x{H // 2} - |"
+        assert tif.pages[1].description.startswith(thumb_head)
+
+    # the ground truth keeps a lossless level at every power of two, whatever the slide's layout
+    m = openslide.OpenSlide(mask_path)
+    assert m.level_dimensions == tuple((W // d, H // d) for d in (1, 2, 4, 8, 16))
+    assert np.array_equal(np.asarray(m.read_region((0, 0), 0, (W, H)))[..., 0], mask)
+
+
+def test_synthetic_label_holds_the_seed():
+    a, b = synthetic_label(7), synthetic_label(8)
+    assert a.shape == (LABEL_SIZE[1], LABEL_SIZE[0], 3) and a.dtype == np.uint8
+    assert np.array_equal(a, synthetic_label(7)) and not np.array_equal(a, b)
+    dark = (a < 100).all(axis=2).mean()
+    assert 0.05 < dark < 0.5  # mostly white paper, with a dark text and barcode pattern
+
+
+@pytest.mark.parametrize("default", ["pow2", "aperio"])
+def test_layout_none_follows_the_module_default_for_svs_and_is_pow2_for_tif(tmp_path, monkeypatch, default):
+    monkeypatch.setattr(synth, "DEFAULT_SVS_LAYOUT", default)
+    svs, _ = write_synthetic_slide(tmp_path / "s.svs", 512, 384, seed=1, min_level_size=64)
+    tif, _ = write_synthetic_slide(tmp_path / "s.tif", 512, 384, seed=1, min_level_size=64)
+    s = openslide.OpenSlide(svs)
+    if default == "aperio":
+        assert s.level_dimensions == ((512, 384), (128, 96), (32, 24))
+        assert sorted(s.associated_images) == ["label", "macro", "thumbnail"]
+    else:
+        assert s.level_dimensions == ((512, 384), (256, 192), (128, 96), (64, 48))
+        assert not s.associated_images
+    assert openslide.OpenSlide(tif).level_dimensions == ((512, 384), (256, 192), (128, 96), (64, 48))
+
+
+def test_cli_synth_layout(tmp_path, capsys):
+    out = tmp_path / "c.svs"
+    assert cli.main(["synth", str(out), "--size", "512x384", "--seed", "2", "--layout", "aperio"]) == 0
+    assert sorted(openslide.OpenSlide(out).associated_images) == ["label", "macro", "thumbnail"]
+    assert cli.main(["synth", str(tmp_path / "c.tif"), "--size", "512x384", "--layout", "aperio"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "c.tif: layout 'aperio'" in err and ".svs" in err
+    assert not (tmp_path / "c.tif").exists()

@@ -13,8 +13,22 @@ above, computed from the exact pixels the callback returned (not from decoded JP
 At the right and bottom edges of an odd-sized level the 2x2 block is cut by the image border, and the
 reduction uses only the pixels that exist (the edge row or column is repeated before reducing).
 
+`level_step=4` (or 8, ...) keeps only some levels of that 2x cascade, as Aperio scanners write them
+(downsamples 1, 4, 16, 64, ... until the long side is at most `min_level_size`): the cascade still computes
+every 2x level and spools only the kept ones, so a 4x level is the 2x reduction of the 2x reduction (not a
+4x4 box mean, which differs by rounding). With `aperio=True` the file can also carry the pages of an Aperio
+SVS besides the tiled levels: a stripped `thumbnail` page right after level 0 (the largest 2x level whose
+long side is at most 1024 px, or the given size, taken from the cascade, so level 0 is read once) and
+stripped `label` (LZW) and `macro` (JPEG) pages at the end, given as arrays or made by the caller from that
+low-resolution image. Then every page has an Aperio ImageDescription (``... -> WxH - |AppMag = ...`` for
+the thumbnail, ``label WxH`` and ``macro WxH``), the tiled reduced levels have NewSubfileType 0 as Aperio
+writes them (tifffile's SVS reader ends the level list at a reduced-image page), the label 1 and the macro 9.
+OpenSlide then reports the tiled pages as levels and `thumbnail`, `label`, `macro` as associated images;
+tifffile reports `is_svs`, the tiled levels as ``series[0].levels`` and series named Thumbnail, Label, Macro.
+
 Memory: level-0 tiles are encoded as they arrive; lower levels are built in bands of `tile` rows (about
-``tile * width * channels`` bytes over all levels) and their encoded tiles are spooled to a temporary file
+``tile * width * channels`` bytes over all levels, plus the thumbnail-sized image when a thumbnail, label or
+macro is asked for, at most about 1024 x 1024 pixels) and their encoded tiles are spooled to a temporary file
 beside the output, because TIFF wants each level's tiles after its IFD and level 1 is complete only once
 level 0 is. The TIFF is written to a hidden temporary name in the same directory and moved into place with
 `os.replace` only when complete, so an interrupted run never leaves a file under the final name; on any error
@@ -42,8 +56,15 @@ LOSSLESS_COMPRESSIONS = ("deflate", "lzw")
 DOWNSAMPLE_MODES = ("mean", "majority", "max")
 # Rows are reduced in chunks this wide, so temporaries stay small however wide the slide is.
 _REDUCE_CHUNK_COLUMNS = 8192
+# The first line of every Aperio ImageDescription (the version OpenSlide's test slides and ours carry).
+APERIO_LIBRARY = "Aperio Image Library v12.0.15"
+THUMBNAIL_SIZE = 1024  # the long side an Aperio thumbnail page has at most
+_STRIP_ROWS = 16  # rows per strip of the stripped pages (a multiple of the 2x2-subsampled JPEG MCU)
+# NewSubfileType of the stripped pages (tifffile names an SVS page "Macro" by 9, else "Label")
+_SUBFILETYPE_LABEL, _SUBFILETYPE_MACRO = 1, 9
 
 ReadTile = Callable[[int, int, int, int], np.ndarray]
+LowResImage = Callable[[np.ndarray], np.ndarray]  # the thumbnail-sized level -> a label or macro image
 
 
 @dataclass(frozen=True)
@@ -55,10 +76,34 @@ class PyramidLevel:
     downsample: float
 
 
-def pyramid_sizes(width: int, height: int, min_level_size: int = 1024) -> list[tuple[int, int]]:
-    """Sizes of the levels: level 0, then each half the one above (rounded up) until the long side fits."""
+def pyramid_sizes(width: int, height: int, min_level_size: int = 1024,
+                  level_step: int = 2) -> list[tuple[int, int]]:
+    """Sizes of the levels: level 0, then each `level_step` times smaller than the one above until the long
+    side fits. A level is the 2x halving (rounded up) repeated, so `level_step=4` gives 1, 4, 16, ... with
+    sizes ceil(ceil(w / 2) / 2), ...."""
+    halvings = _halvings(level_step)
     sizes = [(width, height)]
     while max(sizes[-1]) > min_level_size:
+        w, h = sizes[-1]
+        for _ in range(halvings):
+            w, h = (w + 1) // 2, (h + 1) // 2
+        sizes.append((w, h))
+    return sizes
+
+
+def _halvings(level_step) -> int:
+    """log2 of a level step (a power of two, at least 2)."""
+    if (isinstance(level_step, bool) or not isinstance(level_step, (int, np.integer)) or level_step < 2
+            or level_step & (level_step - 1)):
+        raise ConfigError(f"level_step={level_step!r}: use a power of two, 2 (a level at every power of "
+                          "two) or 4 (downsamples 1, 4, 16, ... as Aperio scanners write them)")
+    return int(level_step).bit_length() - 1
+
+
+def _cascade_sizes(width: int, height: int, depth: int) -> list[tuple[int, int]]:
+    """Level 0 and its first `depth` 2x halvings (rounded up)."""
+    sizes = [(width, height)]
+    for _ in range(depth):
         w, h = sizes[-1]
         sizes.append(((w + 1) // 2, (h + 1) // 2))
     return sizes
@@ -96,17 +141,34 @@ def aperio_description(width: int, height: int, tile: int, compression: str, qua
                        extra: str = "") -> str:
     """ImageDescription in the form OpenSlide's Aperio reader parses (`key = value` fields after `|`)."""
     codec = f"JPEG/RGB Q={quality}" if compression == "jpeg" else compression.upper()
-    head = f"Aperio Image Library fastgicn\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile})"
+    head = f"{APERIO_LIBRARY}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile})"
     if level_size is not None:
         head += f" -> {level_size[0]}x{level_size[1]}"
-    fields = [f"{head} {codec}"]
+    return "|".join([f"{head} {codec}"] + _aperio_fields(mpp, app_mag, extra))
+
+
+def aperio_thumbnail_description(width: int, height: int, size: tuple[int, int], mpp: float | None,
+                                 app_mag: float | None, extra: str = "") -> str:
+    """ImageDescription of an Aperio thumbnail page: ``WxH -> wxh - `` and the slide's fields."""
+    head = f"{APERIO_LIBRARY}\r\n{width}x{height} -> {size[0]}x{size[1]} - "
+    return "|".join([head] + _aperio_fields(mpp, app_mag, extra))
+
+
+def aperio_associated_description(name: str, size: tuple[int, int]) -> str:
+    """ImageDescription of an Aperio label or macro page; OpenSlide names the image by the word after the
+    line break."""
+    return f"{APERIO_LIBRARY}\r\n{name} {size[0]}x{size[1]}"
+
+
+def _aperio_fields(mpp: float | None, app_mag: float | None, extra: str) -> list[str]:
+    fields = []
     if app_mag is not None:
         fields.append(f"AppMag = {app_mag:g}")
     if mpp is not None:
         fields.append(f"MPP = {mpp:.6g}")
     if extra:
         fields.append(extra)
-    return "|".join(fields)
+    return fields
 
 
 def _tile_encoder(compression: str, channels: int, quality: int) -> Callable[[np.ndarray], bytes]:
@@ -182,16 +244,28 @@ class _Spool:
 
 
 class _Cascade:
-    """Builds levels 1..n from level-0 tiles: one band of `tile` rows per level, reduced 2x2 into the next."""
+    """Builds levels 1..n from level-0 tiles: one band of `tile` rows per level, reduced 2x2 into the next.
 
-    def __init__(self, sizes, channels, tile, mode, encode, spool):
+    `sizes` are every 2x level computed; only those in `keep` (indices into `sizes`) are encoded and
+    spooled, and level `collect` (if not None) is also gathered whole into `overview`."""
+
+    def __init__(self, sizes, channels, tile, mode, encode, spool, keep=None, collect=None):
         self.sizes, self.tile, self.mode, self.encode, self.spool = sizes, tile, mode, encode, spool
+        self.keep = set(range(1, len(sizes)) if keep is None else keep) - {0}
+        self.collect = collect
         shape = (channels,) if channels > 1 else ()
         self.bands = [None] + [np.zeros((tile, w) + shape, np.uint8) for w, _ in sizes[1:]]
         self.band_row = [0] * len(sizes)  # index of the band (tile row) each level is filling
         self.filled = [0] * len(sizes)  # rows of that band filled so far
+        self.overview = None
+        if collect is not None:
+            w, h = sizes[collect]
+            self.overview = np.zeros((h, w) + shape, np.uint8)
 
     def add_level0_tile(self, t_row: int, t_col: int, pixels: np.ndarray, value: int | None = None) -> None:
+        if self.collect == 0:
+            y, x = t_row * self.tile, t_col * self.tile
+            self.overview[y:y + pixels.shape[0], x:x + pixels.shape[1]] = pixels
         if len(self.sizes) == 1:
             return
         half = self.tile // 2
@@ -220,8 +294,12 @@ class _Cascade:
     def _flush(self, level: int, band_rows: int) -> None:
         width = self.sizes[level][0]
         band = self.bands[level][:band_rows, :width]
-        for x in range(0, width, self.tile):
-            self.spool.add(level, self.encode(band[:, x:x + self.tile]))
+        if level in self.keep:
+            for x in range(0, width, self.tile):
+                self.spool.add(level, self.encode(band[:, x:x + self.tile]))
+        if level == self.collect:
+            top = self.band_row[level] * self.tile
+            self.overview[top:top + band_rows] = band
         if level + 1 < len(self.sizes):
             below = self.bands[level + 1]
             y = (self.band_row[level] % 2) * (self.tile // 2)
@@ -236,7 +314,8 @@ class _Cascade:
             self.filled[level] = 0
 
     def check_complete(self) -> None:
-        for level, (w, h) in enumerate(self.sizes[1:], start=1):
+        for level in sorted(self.keep):
+            w, h = self.sizes[level]
             expected = math.ceil(w / self.tile) * math.ceil(h / self.tile)
             if len(self.spool.index[level]) != expected:
                 raise RuntimeError(f"pyramid level {level}: {len(self.spool.index[level])} tiles built, "
@@ -270,6 +349,37 @@ def _validate(width, height, channels, tile, compression, quality, downsample, m
         raise ConfigError(f"app_mag={app_mag!r}: the objective magnification must be positive (e.g. 40)")
 
 
+def _validate_aperio_pages(aperio, level_step, thumbnail, label, macro) -> int | None:
+    """Checks the Aperio layout keywords; returns the thumbnail's largest long side (None: no thumbnail)."""
+    _halvings(level_step)
+    if isinstance(thumbnail, bool):
+        thumb_size = THUMBNAIL_SIZE if thumbnail else None
+    elif isinstance(thumbnail, (int, np.integer)) and thumbnail >= 16:
+        thumb_size = int(thumbnail)
+    else:
+        raise ConfigError(f"thumbnail={thumbnail!r}: use True (long side at most {THUMBNAIL_SIZE} px), "
+                          "False, or the largest long side in pixels (at least 16)")
+    for name, value in (("thumbnail", thumb_size), ("label", label), ("macro", macro)):
+        if value is not None and not aperio:
+            raise ConfigError(f"{name}: thumbnail, label and macro pages belong to the Aperio SVS layout; "
+                              "pass aperio=True (or leave them out of a generic TIFF)")
+    for name, value in (("label", label), ("macro", macro)):
+        if value is not None and not callable(value):
+            _check_associated(name, value)
+    return thumb_size
+
+
+def _check_associated(name: str, image) -> np.ndarray:
+    """A label or macro image: uint8, H x W or H x W x 3, at most 65535 px a side."""
+    image = np.asarray(image)
+    if (image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3)
+            or min(image.shape[:2]) < 1 or max(image.shape[:2]) > 65535):
+        raise ConfigError(f"{name} image {image.dtype} {image.shape}: give uint8 pixels, H x W x 3 (RGB) or "
+                          "H x W, at most 65535 px a side (or a function of the low-resolution slide image "
+                          "that returns them)")
+    return np.ascontiguousarray(image)
+
+
 class _SourceFailed(Exception):
     """Carries an OSError raised by `read_tile` past the handler for write errors (it is re-raised as is)."""
 
@@ -285,6 +395,16 @@ def _check_tile(pixels, l0_x, l0_y, w, h, channels) -> np.ndarray:
         raise ConfigError(f"read_tile({l0_x}, {l0_y}, {w}, {h}) returned {pixels.dtype} {pixels.shape}: "
                           f"it must return uint8 of shape {expected}")
     return pixels
+
+
+def _stripped_codec(compression: str, quality: int, image: np.ndarray) -> dict:
+    """tifffile arguments that compress a stripped page (JPEG RGB as YCbCr 2x2, like the tiles)."""
+    if compression == "jpeg":
+        codec = dict(compression="jpeg", compressionargs={"level": quality})
+        if image.ndim == 3:
+            codec["subsampling"] = (2, 2)
+        return codec
+    return dict(compression=compression)
 
 
 def _open_output(path: Path):
@@ -303,7 +423,9 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
                   compression: str = "jpeg", quality: int = 90, downsample: str = "mean",
                   mpp: float | None = None, aperio: bool = False, app_mag: float | None = None,
                   description: str | None = None, min_level_size: int = 1024,
-                  bigtiff: bool | None = None) -> list[PyramidLevel]:
+                  bigtiff: bool | None = None, level_step: int = 2, thumbnail: bool | int = False,
+                  label: np.ndarray | LowResImage | None = None,
+                  macro: np.ndarray | LowResImage | None = None) -> list[PyramidLevel]:
     """Write a pyramidal tiled TIFF from `read_tile(l0_x, l0_y, w, h)`, called once per level-0 tile in
     row-major order with the tile's size clipped at the right and bottom edges.
 
@@ -311,10 +433,16 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
     pixel) is stored as resolution tags in pixels per centimetre on every level and, with `aperio=True`, as
     ``MPP = ...`` (with ``AppMag = ...``) in an Aperio ImageDescription; `description` is the ImageDescription
     of a generic TIFF, or extra ``key = value`` text for Aperio. `bigtiff=None` chooses BigTIFF when the file
-    could pass 4 GB. Returns the levels written. Raises `ConfigError` for bad arguments and `SlideError` when
-    the file cannot be written (the destination is then left as it was).
+    could pass 4 GB. `level_step` is the size ratio of consecutive levels (2, or 4 for Aperio's 1, 4, 16, ...;
+    see the module notes). With `aperio=True`: `thumbnail=True` (or a long side in px) writes a stripped
+    thumbnail page after level 0, compressed like the levels; `label` and `macro` (uint8 H x W x 3 or H x W,
+    or a function of the thumbnail-sized low-resolution level, which it must not modify, returning such
+    pixels) are written at the end as stripped LZW and JPEG pages. Returns the tiled levels written. Raises
+    `ConfigError` for bad arguments and `SlideError` when the file cannot be written (the destination is then
+    left as it was).
     """
     _validate(width, height, channels, tile, compression, quality, downsample, mpp, app_mag, min_level_size)
+    thumb_size = _validate_aperio_pages(aperio, level_step, thumbnail, label, macro)
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
@@ -323,7 +451,17 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
         raise SlideError(f"cannot write {path}: directory {directory} is not writable; choose another output")
     if path.is_dir():
         raise SlideError(f"cannot write {path}: it is a directory; give a file name")
-    sizes = pyramid_sizes(width, height, min_level_size)
+    halvings = _halvings(level_step)
+    kept = pyramid_sizes(width, height, min_level_size, level_step)
+    keep = [k * halvings for k in range(len(kept))]  # indices of the kept levels in the 2x cascade
+    depth = keep[-1]
+    collect = None  # the 2x level gathered whole for the thumbnail, label and macro
+    if thumb_size is not None or callable(label) or callable(macro):
+        collect = 0
+        while max(_cascade_sizes(width, height, collect)[-1]) > (thumb_size or THUMBNAIL_SIZE):
+            collect += 1
+        depth = max(depth, collect)
+    sizes = _cascade_sizes(width, height, depth)
     if bigtiff is None:
         bigtiff = width * height * channels * 4 // 3 > 2**31
     token = secrets.token_hex(4)
@@ -337,7 +475,9 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
             try:
                 _write_levels(fh, sizes, read_tile, spool, encode, channels=channels, tile=tile,
                               compression=compression, quality=quality, downsample=downsample, mpp=mpp,
-                              aperio=aperio, app_mag=app_mag, description=description, bigtiff=bigtiff)
+                              aperio=aperio, app_mag=app_mag, description=description, bigtiff=bigtiff,
+                              keep=keep, collect=collect, thumbnail=thumb_size is not None, label=label,
+                              macro=macro)
             finally:
                 spool.close()
                 _remove_quietly(spool_path)
@@ -356,12 +496,12 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
         if not written:
             _remove_quietly(temp)
             _remove_quietly(spool_path)
-    return [PyramidLevel(w, h, width / w) for w, h in sizes]
+    return [PyramidLevel(w, h, width / w) for w, h in kept]
 
 
 def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compression, quality, downsample,
-                  mpp, aperio, app_mag, description, bigtiff) -> None:
-    cascade = _Cascade(sizes, channels, tile, downsample, encode, spool)
+                  mpp, aperio, app_mag, description, bigtiff, keep, collect, thumbnail, label, macro) -> None:
+    cascade = _Cascade(sizes, channels, tile, downsample, encode, spool, keep, collect)
     width, height = sizes[0]
 
     def level0_tiles() -> Iterator[bytes]:
@@ -386,9 +526,15 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
                   software="fastgicn")
     if compression == "jpeg" and channels == 3:
         common["subsampling"] = (2, 2)
+    # Aperio writes its tiled reduced levels as NewSubfileType 0 (tifffile's SVS reader needs that); a
+    # generic pyramid (or an SVS without a thumbnail, as before) marks them FILETYPE_REDUCEDIMAGE.
+    reduced_subfiletype = 0 if thumbnail else 1
+    stripped = dict(photometric=common["photometric"], metadata=None, software="fastgicn",
+                    rowsperstrip=_STRIP_ROWS)
     writer = tifffile.TiffWriter(fh, bigtiff=bigtiff)
     try:
-        for level, (w, h) in enumerate(sizes):
+        for level in keep:
+            w, h = sizes[level]
             if aperio:
                 desc = aperio_description(width, height, tile, compression, quality, mpp, app_mag,
                                           None if level == 0 else (w, h), description or "")
@@ -399,9 +545,24 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
                 kwargs["resolution"] = (1e4 / (mpp * width / w), 1e4 / (mpp * height / h))
             tiles = level0_tiles() if level == 0 else spool.tiles(level)
             shape = (h, w, channels) if channels > 1 else (h, w)
-            writer.write(tiles, shape=shape, description=desc, subfiletype=0 if level == 0 else 1, **kwargs)
+            writer.write(tiles, shape=shape, description=desc,
+                         subfiletype=0 if level == 0 else reduced_subfiletype, **kwargs)
             if level == 0:
                 cascade.check_complete()
+                if thumbnail:  # the whole cascade is built once level 0 is: the thumbnail is ready
+                    small = cascade.overview
+                    desc = aperio_thumbnail_description(width, height, (small.shape[1], small.shape[0]), mpp,
+                                                        app_mag, description or "")
+                    writer.write(small, description=desc, subfiletype=0,
+                                 **_stripped_codec(compression, quality, small), **stripped)
+        for name, image, subfiletype, codec in (("label", label, _SUBFILETYPE_LABEL, "lzw"),
+                                                ("macro", macro, _SUBFILETYPE_MACRO, "jpeg")):
+            if image is None:
+                continue
+            image = _check_associated(name, image(cascade.overview) if callable(image) else image)
+            writer.write(image, description=aperio_associated_description(name, image.shape[1::-1]),
+                         subfiletype=subfiletype, **_stripped_codec(codec, quality, image),
+                         **dict(stripped, photometric="rgb" if image.ndim == 3 else "minisblack"))
     except BaseException:
         with contextlib.suppress(Exception):  # keep the original error; the file is discarded anyway
             writer.close()
