@@ -24,6 +24,7 @@ C-contiguous NHWC batch) since it is written in place; anything else raises `Con
 import numpy as np
 
 from libc.stdint cimport uint8_t, uint32_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from fastgicn.errors import ConfigError
@@ -108,7 +109,38 @@ cdef extern from *:
         }
         return white;
     }
+    /* One output row of an f x f box mean: `s` points at the first of f source rows (`stride` bytes
+       apart, packed RGB), `d` receives w pixels, rounded half up: (sum + f*f/2) / (f*f). `acc` holds
+       3*w*f column sums. Returns the background count of the output row. */
+    FG_CLONES static Py_ssize_t fg_box_row(const uint8_t *FG_RESTRICT s, Py_ssize_t stride, Py_ssize_t f,
+                                           uint8_t *FG_RESTRICT d, Py_ssize_t w, uint32_t thr,
+                                           uint32_t *FG_RESTRICT acc) {
+        Py_ssize_t n = 3 * w * f, white = 0;
+        for (Py_ssize_t i = 0; i < n; i++) acc[i] = s[i];
+        for (Py_ssize_t r = 1; r < f; r++) {
+            const uint8_t *row = s + r * stride;
+            for (Py_ssize_t i = 0; i < n; i++) acc[i] += row[i];
+        }
+        uint32_t area = (uint32_t)(f * f), half = area / 2;
+        for (Py_ssize_t x = 0; x < w; x++) {
+            const uint32_t *a = acc + 3 * x * f;
+            uint32_t rs = half, gs = half, bs = half;
+            for (Py_ssize_t k = 0; k < f; k++) {
+                rs += a[3 * k];
+                gs += a[3 * k + 1];
+                bs += a[3 * k + 2];
+            }
+            uint32_t r = rs / area, g = gs / area, b = bs / area;
+            d[3 * x] = (uint8_t)r;
+            d[3 * x + 1] = (uint8_t)g;
+            d[3 * x + 2] = (uint8_t)b;
+            white += (r > thr) & (g > thr) & (b > thr);
+        }
+        return white;
+    }
     """
+    Py_ssize_t _box_row "fg_box_row"(const uint8_t* s, Py_ssize_t stride, Py_ssize_t f, uint8_t* d, Py_ssize_t w,
+                                     uint32_t thr, uint32_t* acc) nogil
     Py_ssize_t _row_argb "fg_row_argb"(const uint32_t* s, uint8_t* d, Py_ssize_t w, uint32_t thr) nogil
     Py_ssize_t _row_rgba "fg_row_rgba"(const uint8_t* s, uint8_t* d, Py_ssize_t w, uint32_t thr) nogil
     Py_ssize_t _row_rgb "fg_row_rgb"(const uint8_t* s, uint8_t* d, Py_ssize_t w, uint32_t thr) nogil
@@ -327,3 +359,35 @@ def white_fraction(rgb, threshold=220):
             for x in range(w):
                 count += (v[y, x, 0] > thr) & (v[y, x, 1] > thr) & (v[y, x, 2] > thr)
     return count / <double>(h * w) if h * w else 1.0
+
+
+def box_reduce(src, out, Py_ssize_t factor, threshold=220):
+    """`factor` x `factor` box mean of RGB `src` (h * factor, w * factor, 3) uint8 into `out` (h, w, 3) uint8,
+    rounded half up, as the area average of an exact integer downsample. Rows of `src` may have any
+    stride. Returns the number of output pixels whose R, G and B are all > `threshold`."""
+    cdef uint32_t thr = _check_threshold(threshold)
+    if factor < 1 or factor > 64:
+        raise ConfigError(f"factor={factor}: use an integer reduction in 1..64")
+    src = _as_u8(src, 3, "RGB")
+    if src.shape[0] % factor or src.shape[1] % factor:
+        raise ConfigError(f"source {src.shape[0]} x {src.shape[1]} is not a multiple of factor {factor}")
+    cdef Py_ssize_t h = src.shape[0] // factor, w = src.shape[1] // factor
+    _check_out(out, h, w)
+    src = _unaliased(src, out)
+    if h == 0 or w == 0:
+        return 0
+    if src.strides[0] < 0:
+        src = np.ascontiguousarray(src)
+    cdef const uint8_t[:, :, :] s = src
+    cdef uint8_t[:, :, :] o = out
+    cdef Py_ssize_t y, white = 0, stride = src.strides[0]
+    cdef uint32_t *acc = <uint32_t *> malloc(3 * w * factor * sizeof(uint32_t))
+    if acc == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for y in range(h):
+                white += _box_row(&s[y * factor, 0, 0], stride, factor, &o[y, 0, 0], w, thr, acc)
+    finally:
+        free(acc)
+    return white

@@ -22,3 +22,7 @@ def to_slot(src: npt.NDArray[np.uint32] | npt.NDArray[np.uint8], batch: npt.NDAr
 
 def white_fraction(rgb: npt.NDArray[np.uint8], threshold: int = 220) -> float:
     """Fraction of pixels with R, G and B all > threshold ((h, w, 3 or 4) uint8; 1.0 for an empty array)."""
+
+def box_reduce(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], factor: int, threshold: int = 220) -> int:
+    """factor x factor box mean (rounded half up) of RGB (h*f, w*f, 3) into `out` (h, w, 3); returns the
+    background count of the output."""

@@ -29,6 +29,7 @@ import torch
 from ..config import PAPER_WHITE_THRESHOLD
 from ..errors import ConfigError
 from .grid import keep_tile
+from .resolution import Resolution
 
 _FREE, _FILLING, _READY, _IN_USE = range(4)
 
@@ -77,7 +78,8 @@ class _Stop(Exception):
 class BatchRing:
     """Iterate over batches of tissue tiles read by `threads` reader threads into a bounded ring.
 
-    `tiles`: (N, 4) int64 ``l0_x, l0_y, w, h`` (from `tissue_tiles`); tiles are read at `level` as
+    `tiles`: (N, 4) int64 ``l0_x, l0_y, w, h`` (from `tissue_tiles`); tiles are read at `level` (an index or a
+    `Resolution`) as
     `tile_size` x `tile_size` pixels (white beyond the slide). `ring` slots (default threads + 2) of
     `batch_size` tiles bound the memory. `pin=None` pins the ring when CUDA is available.
     """
@@ -95,7 +97,8 @@ class BatchRing:
         ring = threads + 2 if ring is None else ring
         if not isinstance(ring, (int, np.integer)) or ring < 1:
             raise ConfigError(f"ring={ring!r}: use a positive number of batch slots")
-        self.slide, self.tiles, self.level = slide, tiles, int(level)
+        self.slide, self.tiles = slide, tiles
+        self.level = level if isinstance(level, Resolution) else int(level)  # read_into takes either
         self.tile_size, self.batch_size, self.n_threads, self.n_slots = int(tile_size), int(batch_size), \
             int(threads), int(ring)
         self.min_tissue_fraction, self.white_threshold = float(min_tissue_fraction), int(white_threshold)

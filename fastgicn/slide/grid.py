@@ -6,8 +6,8 @@ Two steps, kept apart (the tiatoolbox habit) so each can be tested alone:
   Tiles of `tile_size` pixels of the read level start every `stride` pixels from (0, 0), in row-major
   order, as few as cover the level: the last row and column may run past the edge (they are padded
   with white when read). Returns (N, 4) int64 `l0_x, l0_y, w, h` in level-0 pixels.
-- `tissue_tiles(slide, config)`: the grid for `config` (level from `config.level` or
-  `config.target_mpp`), then
+- `tissue_tiles(slide, config)`: the grid for `config` (the `Resolution` from `config.level` or
+  `config.target_mpp`: a stored level, or a finer one reduced to the target), then
   * with `config.tissue_prefilter`, only tiles touching the low-resolution tissue mask (dilated by
     `margin` mask pixels, so a tile is never lost to a mask that is a pixel short) are candidates;
   * each candidate is read at the read level and kept by `keep_tile`: background pixels are those
@@ -30,9 +30,10 @@ from scipy import ndimage
 from ..config import TileConfig
 from ..errors import ConfigError
 from .reader import Slide
+from .resolution import Resolution, stored
 from .tissue import TissueMask, tissue_mask
 
-__all__ = ["tile_grid", "grid_shape", "read_level_for", "keep_tile", "tiles_touching_mask",
+__all__ = ["tile_grid", "grid_shape", "read_level_for", "read_resolution_for", "keep_tile", "tiles_touching_mask",
            "tile_background", "tissue_tiles"]
 
 
@@ -75,16 +76,22 @@ def tile_grid(lvl_width: int, lvl_height: int, tile_size: int, stride: int,
     return grid
 
 
-def read_level_for(slide: Slide, config: TileConfig) -> int:
-    """The level `config` asks for: `config.level`, the level matching `config.target_mpp`, or 0."""
+def read_resolution_for(slide: Slide, config: TileConfig) -> Resolution:
+    """The pixels `config` asks for: stored level `config.level`, the resolution of `config.target_mpp` (a
+    level within 15 %, or a finer level reduced: see fastgicn.slide.resolution), or level 0."""
     if config.level is not None:
         if config.level >= slide.level_count:
             raise ConfigError(f"TileConfig.level={config.level}: {slide.name} has levels "
                               f"0..{slide.level_count - 1} (downsamples {list(slide.level_downsamples)})")
-        return config.level
+        return stored(slide, config.level)
     if config.target_mpp is not None:
-        return slide.level_for(target_mpp=config.target_mpp)
-    return 0
+        return slide.resolution_for(target_mpp=config.target_mpp)
+    return stored(slide, 0)
+
+
+def read_level_for(slide: Slide, config: TileConfig) -> int:
+    """The stored level `config` reads from (reduced further when `read_resolution_for` says so)."""
+    return read_resolution_for(slide, config).level
 
 
 def keep_tile(background: int | np.ndarray, n_pixels: int, min_tissue_fraction: float):
@@ -150,9 +157,9 @@ def tissue_tiles(slide: Slide, config: TileConfig, *, mask: TissueMask | None = 
     `workers` threads read candidate tiles."""
     if not isinstance(config, TileConfig):
         raise ConfigError(f"config must be a TileConfig, got {type(config).__name__}")
-    level = read_level_for(slide, config)
-    lvl_w, lvl_h = slide.level_dimensions[level]
-    grid = tile_grid(lvl_w, lvl_h, config.tile_size, config.stride, slide.level_downsamples[level])
+    level = read_resolution_for(slide, config)
+    lvl_w, lvl_h = level.dimensions
+    grid = tile_grid(lvl_w, lvl_h, config.tile_size, config.stride, level.downsample)
     if config.tissue_prefilter:
         if mask is None:
             mask = tissue_mask(slide)

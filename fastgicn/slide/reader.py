@@ -34,6 +34,7 @@ import ctypes
 import logging
 import math
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -71,6 +72,9 @@ class Slide:
     path: str | None
     name: str
     vendor: str
+    reader: str = "base"           # who decodes the pixels: "direct", "openslide", "image" or "array"
+    reader_note: str | None = None  # why the direct reader does not serve this slide, when it does not
+    mpp_note: str | None = None     # why a resolution the file records was not taken as its MPP
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     mpp_xy: tuple[float, float] | None
@@ -111,52 +115,28 @@ class Slide:
 
     def level_for(self, target_mpp: float | None = None, *, magnification: float | None = None,
                   tolerance: float = 0.15) -> int:
-        """The level to read for a target resolution, in microns per pixel or as a magnification.
+        """The stored level within `tolerance` (relative) of a target resolution, in microns per pixel or as
+        a magnification (the closest if several are). Raises ConfigError when no level is; `resolution_for`
+        then says how a finer level is reduced to the target."""
+        from .resolution import _wanted_downsample, resolution_at
 
-        Returns the level whose microns per pixel are within `tolerance` (relative) of the target,
-        the closest if several are. Raises ConfigError when no level is: nothing is resampled.
-        """
-        if (target_mpp is None) == (magnification is None):
-            raise ConfigError("level_for: give exactly one of target_mpp (microns per pixel, 40x is about "
-                              "0.25) or magnification (e.g. 40)")
-        if not 0 <= tolerance < 1:
-            raise ConfigError(f"tolerance={tolerance!r}: use a relative tolerance in [0, 1)")
-        if magnification is not None:
-            if not magnification > 0:
-                raise ConfigError(f"magnification={magnification!r}: use a positive number such as 40")
-            if self.objective_power:
-                wanted = self.objective_power / magnification
-                what = f"{magnification:g}x (the slide is scanned at {self.objective_power:g}x)"
-            elif self.mpp is not None:
-                wanted = (MAGNIFICATION_MPP_40X * 40.0 / magnification) / self.mpp
-                as_mpp = MAGNIFICATION_MPP_40X * 40.0 / magnification
-                what = (f"{magnification:g}x (taken as {as_mpp:g} um/px; "
-                        "the slide records no objective power)")
-            else:
-                raise ConfigError(f"{self.name}: the slide records neither objective power nor MPP, so "
-                                  f"magnification {magnification:g}x cannot be placed; give its MPP "
-                                  "(--mpp, or open_slide(..., mpp=)) or choose a level (--level, TileConfig(level=))")
-        else:
-            if not target_mpp > 0:
-                raise ConfigError(f"target_mpp={target_mpp!r}: use microns per pixel > 0 (40x is about 0.25)")
-            if self.mpp is None:
-                raise ConfigError(f"{self.name}: the slide records no microns per pixel, so target_mpp="
-                                  f"{target_mpp:g} cannot be placed; give its MPP (--mpp, or "
-                                  "open_slide(..., mpp=)) or choose a level (--level, TileConfig(level=))")
-            wanted = target_mpp / self.mpp
-            what = f"{target_mpp:g} um/px"
-        errors = [abs(ds / wanted - 1.0) for ds in self.level_downsamples]
-        best = int(np.argmin(errors))
-        if errors[best] <= tolerance:
-            return best
-        have = ", ".join(
-            f"level {i}: downsample {ds:g}" + (f" ({self.mpp * ds:.3g} um/px)" if self.mpp else "")
-            for i, ds in enumerate(self.level_downsamples))
-        hint = ("finer than level 0: fastgicn does not upsample" if wanted < 1 - tolerance else
-                "between the pyramid's levels: fastgicn reads levels as they are and does not resample tiles")
+        wanted, what = _wanted_downsample(self, target_mpp, magnification, tolerance)
+        res = resolution_at(self, wanted, tolerance=tolerance, what=what)
+        if not res.reduced:
+            return res.level
+        have = ", ".join(f"level {i}: downsample {ds:g}" + (f" ({self.mpp * ds:.3g} um/px)" if self.mpp else "")
+                         for i, ds in enumerate(self.level_downsamples))
         raise ConfigError(f"{self.name}: no level within {tolerance:.0%} of {what}, which needs downsample "
-                          f"{wanted:.3g} of level 0 ({hint}). Levels: {have}. Choose one of those "
-                          "resolutions, or convert the slide to one with that level")
+                          f"{wanted:.4g}; levels: {have}. resolution_for() reads it as level {res.level} reduced "
+                          f"{res.factor:g}x")
+
+    def resolution_for(self, target_mpp: float | None = None, *, magnification: float | None = None,
+                       tolerance: float = 0.15):
+        """The `Resolution` to read for a target: a stored level, or a finer level reduced (see
+        fastgicn.slide.resolution)."""
+        from .resolution import resolution_for
+
+        return resolution_for(self, target_mpp, magnification=magnification, tolerance=tolerance)
 
     def _check_level(self, level: int) -> int:
         if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)) or \
@@ -178,12 +158,20 @@ class Slide:
         self.read_into(out, l0_x, l0_y, level)
         return out
 
-    def read_into(self, out: np.ndarray, l0_x: int, l0_y: int, level: int = 0,
+    def read_into(self, out: np.ndarray, l0_x: int, l0_y: int, level=0,
                   white_threshold: int = PAPER_WHITE_THRESHOLD) -> int:
         """Read the region of `out`'s size ((h, w, 3) uint8, packed pixels) at (l0_x, l0_y) of `level`
         into `out`, and return the number of its pixels whose R, G and B are all > `white_threshold`
-        (background; the padding beyond the slide counts as background)."""
-        level = self._check_level(level)
+        (background; the padding beyond the slide counts as background).
+
+        `level` is a level index or a `Resolution` (a level reduced by a factor, see
+        fastgicn.slide.resolution): the reduction runs in the same pass that counts background."""
+        from .resolution import Resolution
+
+        res = level if isinstance(level, Resolution) else None
+        level = self._check_level(res.level if res is not None else level)
+        if res is not None and not res.reduced:
+            res = None
         if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3:
             raise ConfigError(f"out must be a uint8 (h, w, 3) array, got "
                               f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
@@ -194,7 +182,39 @@ class Slide:
         if out.shape[0] == 0 or out.shape[1] == 0:
             return 0
         with self._reading():
+            if res is not None:
+                return self._read_reduced(out, l0_x, l0_y, res, white_threshold)
             return self._read(out, l0_x, l0_y, level, white_threshold)
+
+    def _scratch_rgb(self, h: int, w: int) -> np.ndarray:
+        """A per-thread (h, w, 3) uint8 buffer for the finer pixels of a reduced read."""
+        local = self.__dict__.get("_scratch_local")
+        if local is None:
+            local = self.__dict__.setdefault("_scratch_local", threading.local())
+        n = h * w * 3
+        buf = getattr(local, "rgb", None)
+        if buf is None or buf.size < n:
+            buf = np.empty(n, np.uint8)
+            if n <= 3 * _SCRATCH_KEEP:
+                local.rgb = buf
+        return buf[:n].reshape(h, w, 3)
+
+    def _read_reduced(self, out: np.ndarray, l0_x: int, l0_y: int, res, threshold: int) -> int:
+        h, w = out.shape[:2]
+        r = res.integer_factor
+        if r is not None:  # exact box mean, fused with the background count
+            src = self._scratch_rgb(h * r, w * r)
+            self._read(src, l0_x, l0_y, res.level, 255)
+            return _tiler.box_reduce(src, out, r, threshold)
+        from .resolution import area_reduce, area_span
+
+        ox, oy = l0_x / res.level_downsample, l0_y / res.level_downsample
+        x0, x1 = area_span(ox, w, res.factor)
+        y0, y1 = area_span(oy, h, res.factor)
+        src = self._scratch_rgb(y1 - y0, x1 - x0)
+        self._read(src, int(round(x0 * res.level_downsample)), int(round(y0 * res.level_downsample)), res.level, 255)
+        area_reduce(src, ox, oy, x0, y0, res.factor, out)
+        return int(np.count_nonzero((out > threshold).all(axis=2)))
 
     def _read(self, out: np.ndarray, l0_x: int, l0_y: int, level: int, threshold: int) -> int:
         raise NotImplementedError
@@ -317,6 +337,8 @@ class Slide:
 class OpenSlideSlide(Slide):
     """A slide read by libopenslide (see the module docstring for threads and errors)."""
 
+    reader = "openslide"
+
     def __init__(self, path: str, vendor: str, mpp: float | None = None, handles: str = "shared") -> None:
         super().__init__()
         import openslide.lowlevel as ll
@@ -341,12 +363,14 @@ class OpenSlideSlide(Slide):
             self.properties = {k: ll.get_property_value(osr, k) for k in ll.get_property_names(osr)}
         except ll.OpenSlideError as exc:
             self._release()
-            raise SlideError(f"{path}: OpenSlide cannot read the slide's metadata ({exc}); the file is "
-                             "probably corrupt or truncated: copy it again from the scanner") from None
+            raise _compression_error(path, exc) or SlideError(
+                f"{path}: OpenSlide cannot read the slide's metadata ({exc}); the file is "
+                "probably corrupt or truncated: copy it again from the scanner") from None
         if not self.level_dimensions or self.level_dimensions[0][0] <= 0 or self.level_dimensions[0][1] <= 0:
             self._release()
             raise SlideError(f"{path}: OpenSlide reports no image data; the file is corrupt or empty")
-        self.mpp_xy = _mpp_override(mpp) or _props_mpp(self.properties)
+        file_mpp, self.mpp_note = _props_mpp(self.properties, path)
+        self.mpp_xy = _mpp_override(mpp) or file_mpp
         try:
             power = float(self.properties.get("openslide.objective-power", "nan"))
             self.objective_power = power if math.isfinite(power) and power > 0 else None
@@ -362,8 +386,9 @@ class OpenSlideSlide(Slide):
             raise SlideError(f"{self.path}: OpenSlide does not support this file (vendor detected: "
                              f"{self.vendor}); it may be corrupt or truncated") from None
         except ll.OpenSlideError as exc:
-            raise SlideError(f"{self.path}: OpenSlide cannot open the slide: {exc}. The file is probably "
-                             "truncated or corrupt: copy it again from the scanner") from None
+            raise _compression_error(self.path, exc) or SlideError(
+                f"{self.path}: OpenSlide cannot open the slide: {exc}. The file is probably "
+                "truncated or corrupt: copy it again from the scanner") from None
         with self._handles_lock:
             self._handles.append(osr)
         return osr
@@ -396,7 +421,8 @@ class OpenSlideSlide(Slide):
             ll._read_region(self._thread_handle(), buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
                             l0_x, l0_y, level, w, h)
         except ll.OpenSlideError as exc:
-            raise SlideError(f"{self.path}: reading {w}x{h} at level {level} from ({l0_x}, {l0_y}) failed: "
+            raise _compression_error(self.path, exc) or SlideError(
+                f"{self.path}: reading {w}x{h} at level {level} from ({l0_x}, {l0_y}) failed: "
                              f"{exc}. The file is probably truncated or corrupt: copy it again from the "
                              "scanner") from None
         except (ValueError, ctypes.ArgumentError) as exc:
@@ -420,6 +446,8 @@ class OpenSlideSlide(Slide):
 class ImageSlide(Slide):
     """A single-level RGB image held as a NumPy array (in memory or memory-mapped)."""
 
+    reader = "image"
+
     def __init__(self, rgb: np.ndarray, name: str, path: str | None = None, vendor: str = "array",
                  mpp: float | tuple[float, float] | None = None, properties: dict | None = None) -> None:
         super().__init__()
@@ -436,6 +464,8 @@ class ImageSlide(Slide):
             self.mpp_xy = None if mpp is None else (float(mpp), float(mpp))
         self.objective_power = None
         self.properties = dict(properties or {})
+        if path is None:
+            self.reader = "array"
 
     def _read(self, out: np.ndarray, l0_x: int, l0_y: int, level: int, threshold: int) -> int:
         h, w = out.shape[:2]
@@ -468,13 +498,19 @@ class ImageSlide(Slide):
 # Opening
 
 
-def open_slide(path_or_array, mpp: float | None = None, *, handles: str = "shared") -> Slide:
+def open_slide(path_or_array, mpp: float | None = None, *, handles: str = "shared", reader: str = "auto") -> Slide:
     """Open a slide file (OpenSlide formats, plain TIFF/PNG/JPEG) or wrap an H x W x 3 uint8 array.
 
     `mpp` (microns per pixel of level 0) overrides what the file says, or supplies it for images and
-    arrays that do not carry it. `handles` ("shared" or "per_thread") only matters for OpenSlide slides.
+    arrays that do not carry it. `reader`: "auto" reads tiled SVS and generic TIFF slides directly
+    (fastgicn.slide.direct: tiles by offset, decoded by imagecodecs) and everything else through OpenSlide;
+    "openslide" always uses OpenSlide; "direct" raises SlideError when the direct reader cannot serve the
+    file. The slide's `reader` says which one reads it and `reader_note` why the direct one does not.
+    `handles` ("shared" or "per_thread") only matters for OpenSlide slides.
     Raises SlideError for anything that cannot be read, naming the file and the reason.
     """
+    if reader not in ("auto", "direct", "openslide"):
+        raise ConfigError(f"reader={reader!r}: use 'auto', 'direct' or 'openslide'")
     if mpp is not None and not (isinstance(mpp, (int, float, np.floating, np.integer)) and mpp > 0):
         raise ConfigError(f"mpp={mpp!r}: use microns per pixel > 0 (40x is about 0.25), or None")
     if isinstance(path_or_array, np.ndarray):
@@ -510,7 +546,26 @@ def open_slide(path_or_array, mpp: float | None = None, *, handles: str = "share
             except SlideError:
                 slide.close()
                 raise
-        return slide
+        if reader == "openslide":
+            return slide
+        from .direct import DirectTiffSlide, servable
+
+        levels, why = servable(path, vendor, slide.level_dimensions) if head[:4] in _TIFF_MAGIC else \
+            (None, f"{vendor} is not a TIFF file")
+        if levels is None:
+            slide.reader_note = why
+            if reader == "direct":
+                slide.close()
+                raise SlideError(f"{path}: the direct reader cannot serve this slide ({why}); open it with "
+                                 "reader='auto' or 'openslide'")
+            return slide
+        try:
+            return DirectTiffSlide(slide, levels)
+        finally:
+            slide.close()
+    if reader == "direct":
+        raise SlideError(f"{path}: the direct reader serves tiled SVS and generic TIFF slides only; open this "
+                         "one with reader='auto'")
     if head[:4] in _TIFF_MAGIC:
         return _open_tiff(path, mpp)
     if (Path(path).suffix.lower() in _PIL_SUFFIXES or head[:8] == b"\x89PNG\r\n\x1a\n"
@@ -633,6 +688,12 @@ def _open_tiff(path: str, mpp: float | None) -> ImageSlide:
                 raise SlideError(f"{path}: a {shape[1]} x {shape[0]} single-level compressed TIFF is too "
                                  "large to load; convert it to a pyramidal tiled TIFF (e.g. vips tiffsave "
                                  "--tile --pyramid) so OpenSlide can read it in tiles")
+            if mapped is None and page.compression != 1:
+                try:
+                    tifffile.TIFF.DECOMPRESSORS[page.compression]
+                except (KeyError, ValueError, ImportError, AttributeError):
+                    raise _compression_error(path, f"Unsupported TIFF compression: {int(page.compression)}",
+                                             "tifffile/imagecodecs") from None
             pixels = mapped if mapped is not None else page.asarray()
     except SlideError:
         raise
@@ -687,16 +748,56 @@ def _open_pil(path: str, mpp: float | None) -> ImageSlide:
 # Helpers
 
 
+_UNSUPPORTED_COMPRESSION = re.compile(r"unsupported (?:tiff )?compression\W*(\d+)", re.IGNORECASE)
+
+
+def _compression_name(code: int) -> str:
+    import tifffile
+
+    try:
+        return tifffile.COMPRESSION(code).name.lower()
+    except ValueError:
+        return "unknown code"
+
+
+def _compression_error(path: str, message, reader: str = "OpenSlide") -> SlideError | None:
+    """The SlideError for a reader's "unsupported compression N" (not a damaged file: copying it again will not
+    help); None when `message` is about something else."""
+    found = _UNSUPPORTED_COMPRESSION.search(str(message))
+    if not found:
+        return None
+    code = int(found.group(1))
+    return SlideError(f"{path}: TIFF compression {code} ({_compression_name(code)}) is not supported by {reader}: "
+                      f"convert the slide with `vips tiffsave '{path}' converted.tif --tile --pyramid --bigtiff "
+                      "--compression jpeg --Q 90` (or --compression deflate, lossless) and segment the converted "
+                      "file")
+
+
 def _mpp_override(mpp: float | None) -> tuple[float, float] | None:
     return None if mpp is None else (float(mpp), float(mpp))
 
 
-def _props_mpp(props: dict[str, str]) -> tuple[float, float] | None:
+# Microns per pixel a microscope slide can have. A 72-dpi placeholder is 353 um/px, 300 dpi 85 um/px; a 1.25x
+# scan is about 8 um/px.
+PLAUSIBLE_MPP = (0.01, 50.0)
+
+
+def plausible_mpp(x: float, y: float) -> bool:
+    lo, hi = PLAUSIBLE_MPP
+    return all(math.isfinite(v) and lo <= v <= hi for v in (x, y))
+
+
+def _props_mpp(props: dict[str, str], path: str = "") -> tuple[tuple[float, float] | None, str | None]:
+    """(mpp_xy or None, a note when the file's value was not plausible)."""
     try:
         x, y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
     except (KeyError, ValueError):
-        return None
-    return (x, y) if x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y) else None
+        return None, None
+    if plausible_mpp(x, y):
+        return (x, y), None
+    return None, (f"{path}: the file records {x:.4g} x {y:.4g} um/px, not a microscope's resolution (a "
+                  "dpi placeholder?), so the MPP is taken as missing: give it with --mpp, or read a level "
+                  "with --level")
 
 
 def _tiff_mpp(page) -> tuple[float, float] | None:
@@ -716,7 +817,7 @@ def _tiff_mpp(page) -> tuple[float, float] | None:
         return per * den / num if num else None
 
     x, y = um(xr.value), um(yr.value)
-    if x is None or y is None or not (0.01 <= x <= 100 and 0.01 <= y <= 100):
+    if x is None or y is None or not plausible_mpp(x, y):
         return None
     return (x, y)
 
