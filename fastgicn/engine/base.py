@@ -35,22 +35,35 @@ def check_precision(precision: str) -> str:
 
 
 def resolve_device(device) -> torch.device:
-    """None -> the first CUDA GPU if there is one, else CPU. Asking for CUDA without one raises."""
+    """The one device check (engine, pipeline, train, bench): None -> the first CUDA GPU if there is one, else
+    CPU; 'cpu', 'cuda' (the current GPU) or 'cuda:N' (N below the GPU count). Anything else -- 'gpu', 'mps',
+    'cuda' without a GPU, a typo -- raises a one-line ConfigError / BackendUnavailable naming the value and the
+    fix, before any model or slide is touched."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str):
+        device = device.strip().lower()
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device={device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
+    except (RuntimeError, TypeError, ValueError):
+        hint = " (torch names NVIDIA GPUs 'cuda')" if str(device) in ("gpu", "nvidia", "cuda0") else ""
+        raise ConfigError(f"device {device!r}{hint}: use 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise BackendUnavailable(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}, "
-                                     f"CUDA build: {torch.version.cuda or 'none'}): install a CUDA build of "
-                                     "torch on a machine with an NVIDIA driver, or use device='cpu'")
+            raise BackendUnavailable(f"device {device!r}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                                     f"CUDA build: {torch.version.cuda or 'none'}): use --device cpu, or run on a "
+                                     "machine with an NVIDIA driver and a CUDA build of torch")
+        count = torch.cuda.device_count()
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ConfigError(f"device={device!r}: only 'cpu' and 'cuda' devices are supported")
+        elif dev.index >= count:
+            raise BackendUnavailable(f"device {device!r}: this machine has {count} CUDA GPU"
+                                     f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1}): use one of those")
+    elif dev.type == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ConfigError(f"device {device!r}: fastgicn runs on 'cpu' and 'cuda' (or 'cuda:N') only; "
+                          f"{dev.type} is not supported")
     return dev
 
 

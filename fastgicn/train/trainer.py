@@ -43,6 +43,9 @@ class TrainConfig:
         if self.iterations < 1 or self.batch_size < 1:
             raise ConfigError(f"iterations={self.iterations}, batch_size={self.batch_size}: use positive values")
         make_schedule(self.schedule, self.lr)  # validates name and lr
+        from ..engine.base import resolve_device
+
+        resolve_device(self.device)  # 'gpu', 'mps', cuda without a GPU: one line now, not a torch traceback later
 
 
 def batch_generator(seed: int, iteration: int) -> torch.Generator:
