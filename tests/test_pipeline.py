@@ -7,9 +7,11 @@ import threading
 import numpy as np
 import openslide
 import pytest
+import shapely
+import shapely.geometry
 import torch
 import torch.nn.functional as F
-from test_outputs import even_odd_fill
+from test_outputs import fill_features
 from torch import nn
 
 from fastgicn.config import TileConfig
@@ -84,7 +86,7 @@ def test_local_model_segments_like_the_whole_image(tmp_path, stitch):
                         min_tissue_fraction=0.0)
     fds = len(os.listdir("/proc/self/fd"))
     res = segment_slide(img, tmp_path, model, config, name="arr", mpp=0.5, stitch=stitch, threads=2,
-                        progress=False)
+                        progress=False, min_region_um2=0)
     assert len(os.listdir("/proc/self/fd")) == fds and not fastgicn_threads()  # no handle or thread left
     stride = tile - overlap
     n_cols, n_rows = 1 + -(-(w - tile) // stride), 1 + -(-(h - tile) // stride)
@@ -105,8 +107,9 @@ def test_local_model_segments_like_the_whole_image(tmp_path, stitch):
         assert rep["seconds"][stage] >= 0
     # small slide: the polygons are traced at full resolution and fill back to exactly the mask
     gj = json.loads(open(res.outputs["geojson"]).read())
-    polys = [[np.array(r[:-1]) for r in f["geometry"]["coordinates"]] for f in gj["features"]]
-    np.testing.assert_array_equal(even_odd_fill(polys, (h, w)), mask > 0)
+    np.testing.assert_array_equal(fill_features(gj["features"], (h, w)), mask > 0)
+    assert rep["tumour"]["regions"] == len(gj["features"])
+    assert rep["tumour"]["small_regions_dropped"]["dropped"] == 0  # min_region_um2=0 keeps every region
     assert outputs_complete(tmp_path, "arr")
 
 
@@ -162,9 +165,12 @@ def test_real_network_on_a_slide_file_at_level_1(tmp_path):
             s.close()
     gj = json.loads(open(res.outputs["geojson"]).read())
     for f in gj["features"]:  # level-0 coordinates: within the slide, at twice the read level's scale
-        xy = np.array(f["geometry"]["coordinates"][0])
+        xy = shapely.get_coordinates(shapely.geometry.shape(f["geometry"]))
         assert xy[:, 0].max() <= 896 and xy[:, 1].max() <= 640
         assert (xy % 2 == 0).all()
+    small = rep["tumour"]["small_regions_dropped"]  # the default filter, by area since the slide has an MPP
+    assert small["min_region_um2"] == 100 and "um^2" in small["rule"]
+    assert rep["tumour"]["regions"] == len(gj["features"])
     from PIL import Image
     assert Image.open(res.outputs["overlay"]).size == (448, 320)
 

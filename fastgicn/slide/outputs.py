@@ -4,9 +4,8 @@
   finishes them; it runs `fastgicn.slide.pyramid_tiff.write_pyramid` (which pulls tiles) in a thread, so the
   stitched image is never held whole and compression overlaps the network.
 - `LowRes`: block averages of the stitched rows at a reduced scale, for polygons, the overlay and areas.
-- `mask_to_polygons` / `geojson_features`: tumour outlines traced exactly along pixel edges (holes included),
-  in level-0 coordinates, as QuPath imports them (objectType "annotation", classification "Tumor").
-- `write_overlay_png`, `write_json`, `write_geojson`: atomic small-file writers.
+- `write_overlay_png`, `write_json`: atomic small-file writers. The tumour polygons and their GeoJSON are in
+  `fastgicn.slide.polygons` (OpenCV contours, valid under shapely).
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import os
 import queue
 import secrets
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -284,164 +282,6 @@ def lowres_factor(width: int, height: int, max_side: int) -> int:
     while math.ceil(max(width, height) / f) > max_side:
         f *= 2
     return f
-
-
-# ---------------------------------------------------------------------------------------------------
-# polygons
-
-# directions of boundary edges, clockwise on screen (x right, y down): east, south, west, north
-_DX = np.array([1, 0, -1, 0])
-_DY = np.array([0, 1, 0, -1])
-# preference at a vertex with two ways on (a saddle): turn right, else straight, else left. Turning right
-# keeps diagonal neighbours apart, i.e. regions are 4-connected, matching ndimage.label's default.
-# rank of each turn (d_out - d_in) % 4 = straight 0, right 1, u-turn 2, left 3: lower is preferred
-_RANK = np.array([1, 0, 3, 2])
-
-
-def _boundary_edges(mask: np.ndarray):
-    """Unit edges between foreground and background, oriented with the foreground on the right."""
-    p = np.pad(mask, 1)
-    fg = p[1:-1, 1:-1]
-    sides = ((fg & ~p[:-2, 1:-1], 0, 0, 0),  # background above: east along the top edge from (x, y)
-             (fg & ~p[1:-1, 2:], 1, 1, 0),  # background right: south from (x+1, y)
-             (fg & ~p[2:, 1:-1], 2, 1, 1),  # background below: west from (x+1, y+1)
-             (fg & ~p[1:-1, :-2], 3, 0, 1))  # background left: north from (x, y+1)
-    px, py, sx, sy, d = [], [], [], [], []
-    for sel, direction, ox, oy in sides:
-        ys, xs = np.nonzero(sel)
-        px.append(xs)
-        py.append(ys)
-        sx.append(xs + ox)
-        sy.append(ys + oy)
-        d.append(np.full(len(xs), direction, np.int8))
-    return (np.concatenate(px), np.concatenate(py), np.concatenate(sx), np.concatenate(sy),
-            np.concatenate(d).astype(np.int64))
-
-
-def _trace(mask: np.ndarray):
-    """All boundary rings of a binary mask: list of (vertices (k, 2) int64 corners x, y; a pixel (x, y) on the
-    ring's foreground side). Exterior rings have positive shoelace area (x right, y down), holes negative."""
-    px, py, sx, sy, d = _boundary_edges(mask)
-    n = len(d)
-    if n == 0:
-        return []
-    stride = mask.shape[1] + 3
-    start_key = sy * stride + sx
-    end_key = (sy + _DY[d]) * stride + (sx + _DX[d])
-    order = np.argsort(start_key, kind="stable")
-    sorted_keys = start_key[order]
-    lo = np.searchsorted(sorted_keys, end_key, "left")
-    hi = np.searchsorted(sorted_keys, end_key, "right")
-    nxt = order[lo].copy()
-    two = np.flatnonzero(hi - lo == 2)
-    if len(two):
-        a, b = order[lo[two]], order[lo[two] + 1]
-        ra = _RANK[(d[a] - d[two]) % 4]
-        rb = _RANK[(d[b] - d[two]) % 4]
-        nxt[two] = np.where(ra <= rb, a, b)
-    if np.any((hi - lo) < 1) or np.any((hi - lo) > 2):
-        raise RuntimeError("boundary tracing found an open boundary; this is a bug")
-    # walk the cycles of the permutation `nxt`
-    visited = bytearray(n)
-    nxt_list = nxt.tolist()
-    rings = []
-    for e0 in range(n):
-        if visited[e0]:
-            continue
-        cycle = []
-        e = e0
-        while not visited[e]:
-            visited[e] = 1
-            cycle.append(e)
-            e = nxt_list[e]
-        idx = np.asarray(cycle)
-        dirs = d[idx]
-        corner = dirs != np.roll(dirs, 1)  # keep a vertex only where the direction changes
-        verts = np.stack([sx[idx][corner], sy[idx][corner]], axis=1)
-        rings.append((verts, (int(px[e0]), int(py[e0]))))
-    return rings
-
-
-def ring_area(verts: np.ndarray) -> float:
-    """Shoelace area of a ring (positive for our exterior rings, x right and y down)."""
-    x, y = verts[:, 0].astype(np.float64), verts[:, 1].astype(np.float64)
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
-
-
-def mask_to_polygons(mask: np.ndarray, min_pixels: int = 0) -> list[list[np.ndarray]]:
-    """Outlines of the 4-connected foreground regions of a 2-D mask, traced along pixel edges.
-
-    Returns one entry per region: ``[exterior, hole, hole, ...]``, each ring a (k, 2) int64 array of corner
-    vertices (x, y) in pixel-corner coordinates (pixel (x, y) spans [x, x+1) x [y, y+1)), not repeated at the
-    end. Filling the exterior minus the holes (even-odd) gives back exactly the region's pixels. Regions with
-    fewer than `min_pixels` pixels are left out.
-    """
-    mask = np.asarray(mask).astype(bool)
-    if mask.ndim != 2:
-        raise ConfigError(f"mask_to_polygons needs a 2-D mask, got shape {mask.shape}")
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return []
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    regions: dict[int, list] = {}
-    for verts, (x, y) in _trace(mask):
-        lab = int(labels[y, x])
-        if sizes[lab] < min_pixels:
-            continue
-        entry = regions.setdefault(lab, [[], []])
-        entry[0 if ring_area(verts) > 0 else 1].append(verts)
-    polygons = []
-    for lab in sorted(regions):
-        exteriors, holes = regions[lab]
-        if len(exteriors) != 1:  # a 4-connected region has one outer boundary
-            raise RuntimeError(f"region {lab} traced with {len(exteriors)} outer rings; this is a bug")
-        polygons.append([exteriors[0]] + holes)
-    return polygons
-
-
-def geojson_features(polygons, scale: float | tuple[float, float] = 1.0, *, clip: tuple[float, float] | None = None,
-                     name: str = TUMOR_CLASS, color=TUMOR_COLOR, mpp: float | None = None) -> dict:
-    """A GeoJSON FeatureCollection of `polygons` (from `mask_to_polygons`) scaled to level-0 pixels.
-
-    `scale` is level-0 pixels per mask pixel (x, y); `clip` the level-0 width and height (vertices on a partial
-    edge block are pulled back onto the slide). Each region is one QuPath annotation classified `name`;
-    `mpp` adds its area in square microns as a measurement.
-    """
-    sx, sy = (scale, scale) if np.isscalar(scale) else scale
-    features = []
-    for rings in polygons:
-        coords = []
-        area_px = 0.0
-        for ring in rings:
-            xy = ring.astype(np.float64) * (sx, sy)
-            if clip is not None:
-                xy[:, 0] = np.minimum(xy[:, 0], clip[0])
-                xy[:, 1] = np.minimum(xy[:, 1], clip[1])
-            area_px += ring_area(xy)
-            closed = np.vstack([xy, xy[:1]])
-            coords.append([[_num(v) for v in p] for p in closed])
-        props = {"objectType": "annotation", "classification": {"name": name, "color": list(color)},
-                 "isLocked": False}
-        if mpp:
-            props["measurements"] = {"Area µm^2": round(area_px * mpp * mpp, 2)}
-        features.append({"type": "Feature", "id": str(uuid.uuid4()),
-                         "geometry": {"type": "Polygon", "coordinates": coords}, "properties": props})
-    return {"type": "FeatureCollection", "features": features}
-
-
-def _num(v: float):
-    r = round(v, 3)
-    return int(r) if r == int(r) else r
-
-
-def write_geojson(path, collection: dict) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as fh:
-            json.dump(collection, fh, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,238 @@
+"""Tumour outlines for QuPath: OpenCV contours of the reduced mask -> valid shapely polygons -> GeoJSON.
+
+Convention (pixel edges): pixel (x, y) of the mask is the square [x, x+1) x [y, y+1); a polygon runs along the
+edges of its pixels, so its area is exactly its pixel count and a one-pixel line keeps its area. OpenCV's
+`findContours` walks through the *centres* of boundary pixels (a one-pixel line would be a zero-area
+polygon), so we trace a 2x nearest-upsampled copy of the mask (padded by one pixel): a boundary point at
+upsampled column u lies next to the pixel edge at x = u // 2 (and likewise for rows), which maps every
+contour vertex onto a pixel corner. A region is an 8-connected group of pixels (OpenCV's rule, as in the
+XS/XL split of `models/metrics.py`); its holes are the 4-connected background groups it encloses
+(`RETR_CCOMP`: outer ring, then its holes; an island inside a hole is a region of its own).
+
+Where two pixels of a region touch only at a corner, the traced ring passes that corner twice, which OGC
+(shapely) calls invalid; those few polygons are repaired with `shapely.make_valid(method="structure")`,
+which splits them at the corner (a Polygon, or a MultiPolygon whose parts touch at points), area unchanged.
+Every geometry written is valid; exterior rings are counter-clockwise and holes clockwise in the numbers
+themselves (RFC 7946's right-hand rule; with y pointing down they look clockwise on screen). QuPath reads
+rings with JTS and does not depend on orientation.
+
+GeoJSON as QuPath (0.4-0.6) reads it (`qupath.lib.io.PathObjectTypeAdapters`): a FeatureCollection whose
+Features have an `id` (a UUID), a Polygon or MultiPolygon `geometry` in level-0 pixels (origin at the top
+left of the full-resolution image), closed rings, and `properties` with `objectType` "annotation",
+`classification` {"name", "color": [r, g, b]}, `measurements` (name -> number) and `metadata` (name ->
+string; the slide's name is kept there). Coordinates are integers where they are integral, else rounded to
+1/1000 pixel.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .outputs import TUMOR_CLASS, TUMOR_COLOR, atomic_path
+
+# Without an MPP, regions are filtered by level-0 pixels: 1600 px is 100 um^2 at 0.25 um/px (40x).
+DEFAULT_MIN_REGION_UM2 = 100.0  # about one tumour cell (10-12 um across); smaller specks are noise
+DEFAULT_MIN_REGION_PIXELS = 1600
+
+
+@dataclass
+class Regions:
+    """Tumour regions as shapely geometries (Polygon or MultiPolygon, valid) in level-0 pixels."""
+
+    geoms: np.ndarray  # object array, one geometry per 8-connected region kept
+    repaired: int = 0  # how many needed make_valid (corner-touching pixels)
+    dropped: int = 0  # regions under `min_area`, left out
+    dropped_area: float = 0.0  # their area in level-0 pixels
+
+    def __len__(self) -> int:
+        return len(self.geoms)
+
+    @property
+    def areas(self) -> np.ndarray:
+        """Area of each region in level-0 pixels (holes excluded)."""
+        import shapely
+
+        return shapely.area(self.geoms) if len(self.geoms) else np.zeros(0)
+
+
+def mask_to_polygons(mask: np.ndarray, scale: float | tuple[float, float] = 1.0, *,
+                     clip: tuple[float, float] | None = None, min_area: float = 0.0) -> Regions:
+    """One valid Polygon/MultiPolygon per 8-connected region of a 2-D mask, traced along pixel edges.
+
+    `scale` is level-0 pixels per mask pixel (x, y); `clip` the level-0 width and height (vertices on a
+    partial edge block are pulled back onto the slide); regions whose area (holes excluded, level-0 pixels,
+    after clipping) is under `min_area` are left out and counted. See the module docstring for the convention.
+    """
+    import cv2
+    import shapely
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ConfigError(f"mask_to_polygons needs a 2-D mask, got shape {mask.shape}")
+    sx, sy = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
+    if not (sx > 0 and sy > 0 and math.isfinite(sx) and math.isfinite(sy)):
+        raise ConfigError(f"scale={scale}: use positive level-0 pixels per mask pixel")
+    empty = Regions(np.empty(0, object))
+    h, w = mask.shape
+    if h == 0 or w == 0 or not mask.any():
+        return empty
+    m = mask.astype(bool, copy=False).view(np.uint8)
+    up = np.zeros((2 * h + 2, 2 * w + 2), np.uint8)  # 2x nearest upsample, one pixel of background around
+    for dy in (1, 2):
+        for dx in (1, 2):
+            up[dy:2 * h + dy:2, dx:2 * w + dx:2] = m
+    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    del up
+    if not contours:
+        return empty
+    parent = hierarchy[0][:, 3]
+    lengths = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    xy = np.concatenate(contours).reshape(-1, 2) >> 1  # upsampled boundary pixel -> pixel corner
+    ring = np.repeat(np.arange(len(contours)), lengths)
+    # diagonal steps of the upsampled contour collapse onto one corner: drop repeated vertices (cyclically)
+    starts = np.cumsum(lengths) - lengths
+    prev = np.arange(len(xy)) - 1
+    prev[starts] = starts + lengths - 1
+    keep = (xy != xy[prev]).any(axis=1)
+    xy, ring = xy[keep], ring[keep]
+    # rings in polygon order: each outer ring followed by its holes
+    outer = np.flatnonzero(parent < 0)
+    poly_of_outer = np.full(len(contours), -1)
+    poly_of_outer[outer] = np.arange(len(outer))
+    poly_of_ring = np.where(parent < 0, poly_of_outer, poly_of_outer[np.maximum(parent, 0)])
+    ring_order = np.lexsort((parent >= 0, poly_of_ring))  # by polygon, the shell first
+    rank = np.empty_like(ring_order)
+    rank[ring_order] = np.arange(len(ring_order))
+    point_order = np.argsort(rank[ring], kind="stable")
+    xy, ring = xy[point_order], rank[ring[point_order]]
+    coords = xy.astype(np.float64) * (sx, sy)
+    if clip is not None:
+        np.minimum(coords, (float(clip[0]), float(clip[1])), out=coords)
+    if not (sx.is_integer() and sy.is_integer()):
+        coords = np.round(coords, 3)  # what the GeoJSON holds; rounding is monotonic, so topology is kept
+    rings = shapely.linearrings(coords, indices=ring)
+    geoms = shapely.polygons(rings, indices=poly_of_ring[ring_order])
+    # the shoelace area is right even for a ring pinched at a corner, so small regions go before any repair
+    areas = shapely.area(geoms)
+    small = areas < min_area
+    dropped, dropped_area = int(small.sum()), float(areas[small].sum())
+    geoms = geoms[~small]
+    bad = np.flatnonzero(~shapely.is_valid(geoms))
+    if len(bad):
+        geoms[bad] = [_repair(g) for g in shapely.make_valid(geoms[bad], method="structure",
+                                                              keep_collapsed=False)]
+    geoms = shapely.orient_polygons(geoms, exterior_cw=False)
+    return Regions(geoms, repaired=len(bad), dropped=dropped, dropped_area=dropped_area)
+
+
+def _repair(fixed):
+    """The polygonal parts of what make_valid gave (a Polygon or a MultiPolygon)."""
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+
+    if isinstance(fixed, (Polygon, MultiPolygon)):
+        return fixed
+    parts = [p for p in shapely.get_parts(fixed) if isinstance(p, (Polygon, MultiPolygon))]
+    polys = [q for p in parts for q in (p.geoms if isinstance(p, MultiPolygon) else [p])]
+    return polys[0] if len(polys) == 1 else MultiPolygon(polys)
+
+
+def min_region_area(mpp: float | None, min_region_um2: float = DEFAULT_MIN_REGION_UM2,
+                    min_region_pixels: float = DEFAULT_MIN_REGION_PIXELS) -> tuple[float, str]:
+    """The smallest region kept, in level-0 pixels, and how it was chosen (by area in um^2 when the slide
+    has an MPP, else by pixel count)."""
+    for name, v in (("min_region_um2", min_region_um2), ("min_region_pixels", min_region_pixels)):
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{name}={v}: use a finite number >= 0 (0 keeps every region)")
+    if mpp:
+        return min_region_um2 / (mpp * mpp), f"area >= {min_region_um2:g} um^2 (slide MPP {mpp:g} um/px)"
+    return float(min_region_pixels), (f"no MPP known: area >= {min_region_pixels:g} level-0 pixels "
+                                      "(1600 is 100 um^2 at 0.25 um/px); give the MPP to filter by um^2")
+
+
+def geojson_features(regions: Regions | np.ndarray, *, mpp: float | None = None,
+                     name: str = TUMOR_CLASS, color=TUMOR_COLOR, slide_name: str | None = None) -> dict:
+    """A GeoJSON FeatureCollection with one QuPath annotation classified `name` per region.
+
+    `mpp` (level 0) adds each region's area in square microns as a measurement; `slide_name` goes into the
+    annotation's metadata as it is (any Unicode).
+    """
+    import shapely
+    from shapely.geometry import Polygon
+
+    geoms = regions.geoms if isinstance(regions, Regions) else np.asarray(regions, object)
+    features = []
+    if len(geoms) == 0:
+        return {"type": "FeatureCollection", "features": features}
+    # every coordinate as a JSON number, an int where it is integral, converted in one vectorised pass
+    parts, geom_of_part = shapely.get_parts(geoms, return_index=True)  # a Polygon is its own one part
+    rings = shapely.get_rings(parts)
+    coords, ring_of_point = shapely.get_coordinates(rings, return_index=True)
+    # every coordinate as a JSON number, an int where it is integral: whole-array conversions (C speed),
+    # element by element only for the points that mix integral and fractional values
+    integral = coords == np.round(coords)
+    if integral.all():
+        points = coords.astype(np.int64).tolist()
+    else:
+        points = coords.tolist()
+        for i in np.flatnonzero(integral.any(axis=1)).tolist():
+            points[i] = [int(v) if v.is_integer() else v for v in points[i]]
+    ring_bounds = np.searchsorted(ring_of_point, np.arange(len(rings) + 1)).tolist()
+    part_bounds = np.searchsorted(geom_of_part, np.arange(len(geoms) + 1)).tolist()
+    rings_per_part = (1 + shapely.get_num_interior_rings(parts)).tolist()
+    areas = shapely.area(geoms)
+    ids = os.urandom(16 * len(geoms))
+    r = 0
+    for i, (g, area) in enumerate(zip(geoms, areas)):
+        polys = []
+        for n in rings_per_part[part_bounds[i]:part_bounds[i + 1]]:
+            polys.append([points[ring_bounds[k]:ring_bounds[k + 1]] for k in range(r, r + n)])
+            r += n
+        if isinstance(g, Polygon):
+            geometry = {"type": "Polygon", "coordinates": polys[0]}
+        else:
+            geometry = {"type": "MultiPolygon", "coordinates": polys}
+        props = {"objectType": "annotation", "isLocked": False,
+                 "classification": {"name": name, "color": [int(c) for c in color]}}
+        if mpp:
+            props["measurements"] = {"Area µm^2": round(float(area) * mpp * mpp, 2)}
+        if slide_name:
+            props["metadata"] = {"slide": str(slide_name)}
+        uid = uuid.UUID(bytes=ids[16 * i:16 * i + 16], version=4)
+        features.append({"type": "Feature", "id": str(uid), "geometry": geometry, "properties": props})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(path, collection: dict) -> Path:
+    """Write a FeatureCollection as compact UTF-8 JSON (names stay readable), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            # dumps, not dump: only the one-shot encoder runs in C (dump is ~10x slower on large files)
+            fh.write(json.dumps(collection, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path
+
+
+def tumour_geojson(mask: np.ndarray, scale, *, clip=None, mpp: float | None = None,
+                   min_region_um2: float = DEFAULT_MIN_REGION_UM2,
+                   min_region_pixels: float = DEFAULT_MIN_REGION_PIXELS,
+                   slide_name: str | None = None) -> tuple[dict, dict]:
+    """The pipeline's step: polygons of `mask`, small regions dropped, as a FeatureCollection; and what the
+    report says about them (`kept`, `dropped` count and area, the rule, polygons repaired)."""
+    min_px, rule = min_region_area(mpp, min_region_um2, min_region_pixels)
+    regions = mask_to_polygons(mask, scale, clip=clip, min_area=min_px)
+    info = {"kept": len(regions), "dropped": regions.dropped,
+            "dropped_area_pixels_level0": regions.dropped_area,
+            "dropped_area_mm2": None if not mpp else regions.dropped_area * mpp * mpp / 1e6,
+            "min_region_um2": float(min_region_um2) if mpp else None,
+            "min_region_pixels_level0": round(min_px, 3), "rule": rule, "repaired": regions.repaired}
+    return geojson_features(regions, mpp=mpp, slide_name=slide_name), info
