@@ -6,7 +6,9 @@ only this module turns them into an exit status.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import ConfigError, FastGicnError
@@ -22,10 +24,26 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+SEGMENT_EPILOG = """\
+outputs, in OUTDIR, per slide (NAME: the slide's file name without its extension):
+  NAME.tumour_probability.tif  pyramidal tiled TIFF, p(tumour) as uint8 (255 is p = 1)
+  NAME.tumour_mask.tif         pyramidal tiled TIFF, 255 tumour (p >= 0.5), 0 normal or glass
+  NAME.tumour.geojson          tumour polygons in level-0 pixels (QuPath imports it)
+  NAME.overlay.png             thumbnail with the tumour drawn over it
+  NAME.report.json             areas, tile counts, seconds per stage, model, config, Dice; written last
+
+A slide whose report is complete for the same model, config and slide file is skipped (--force redoes
+it). Ctrl-C or SIGTERM removes the slide's partial files and keeps finished slides: run the same command
+to resume. Exit status: 0 every slide done or skipped, 1 a slide failed, 2 an error in the arguments or
+setup (one line on stderr), 130 Ctrl-C, 143 SIGTERM.
+"""
+
+
 def cmd_synth(args) -> int:
     from .synth import write_synthetic_slide
 
-    slide, mask = write_synthetic_slide(args.out, args.size[0], args.size[1], seed=args.seed, mpp=args.mpp)
+    slide, mask = write_synthetic_slide(args.out, args.size[0], args.size[1], seed=args.seed, mpp=args.mpp,
+                                        layout=args.layout)
     print(f"wrote {slide} and its ground-truth mask {mask} (synthetic H&E-like data, seed {args.seed})")
     return 0
 
@@ -155,7 +173,9 @@ def _segment(args, slides, truths, log) -> int:
         if args.weights is None:
             log("segmenting it with the demo weights (trained on synthetic slides only) and its mask as truth")
     forward, model_fp, how = model, None, "torch (eager reference)"
-    if args.backend != "torch":
+    # --precision fp16/bf16 with the torch backend is honoured (weights and activations in 16 bits) through the
+    # Engine's torch backend; fp32 and auto keep the eager fp32 reference.
+    if args.backend != "torch" or args.precision in ("fp16", "bf16"):
         from .engine import Engine
         from .engine.base import model_fingerprint
 
@@ -171,7 +191,8 @@ def _segment(args, slides, truths, log) -> int:
     results = segment_slides(slides, args.out, forward, config, args.device, truths=truths, stitch=args.stitch,
                              model_fp=model_fp,
                              force=args.force, log=log, threads=args.threads, handles=args.handles,
-                             mpp=args.mpp, weights=weights, progress=False if args.no_progress else None)
+                             mpp=args.mpp, weights=weights, progress=False if args.no_progress else None,
+                             min_region_um2=args.min_region_um2)
     for r in results:
         if r.status == "failed":
             print(f"{r.slide}: FAILED: {r.error}")
@@ -205,42 +226,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment tumour in whole slides: TIFF masks, GeoJSON, overlay, report",
                        description="Segment tumour in slides. With no SLIDE, makes (or reuses) a synthetic "
-                                   "slide in OUTDIR and segments it with the demo weights, its mask as truth.")
-    p.add_argument("slides", nargs="*", type=Path, metavar="SLIDE")
-    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
+                                   "slide in OUTDIR and\nsegments it with the demo weights, its mask as truth.",
+                       epilog=SEGMENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("slides", nargs="*", type=Path, metavar="SLIDE",
+                   help="whole-slide images (SVS, NDPI, MRXS, tiled TIFF ... anything OpenSlide reads; plain "
+                        "TIFF/PNG/JPEG too); none: the synthetic demo slide")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR",
+                   help="output directory (created); outputs are named after each slide, see below")
     p.add_argument("--weights", type=Path, default=None, metavar="CKPT",
                    help="checkpoint from `fastgicn train` (default: the demo weights, synthetic data only)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (the current GPU) or cuda:N (default: cpu)")
     p.add_argument("--truth", nargs="+", type=Path, default=None, metavar="MASK",
                    help="ground-truth mask per slide (0 normal, 255 tumour): Dice goes in the report")
-    p.add_argument("--tile-size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--overlap", type=int, default=None, help="pixels shared by neighbouring tiles (even)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--tile-size", type=int, default=None, metavar="PX",
+                   help="tile side in pixels, a multiple of 8 (default: the checkpoint's; demo weights: 256)")
+    p.add_argument("--overlap", type=int, default=None, metavar="PX",
+                   help="pixels shared by neighbouring tiles, even (default: the checkpoint's; demo weights: 32)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="tiles per forward pass (default: the checkpoint's; demo weights: 8)")
     level = p.add_mutually_exclusive_group()
-    level.add_argument("--level", type=int, default=None, help="pyramid level to read")
-    level.add_argument("--target-mpp", type=float, default=None, help="read the level nearest this um/px")
-    p.add_argument("--min-tissue-fraction", type=float, default=None,
-                   help="0 keeps every tile with one non-glass pixel (the paper's rule)")
-    p.add_argument("--white-threshold", type=int, default=None, help="glass: R, G and B above this (220)")
+    level.add_argument("--level", type=int, default=None,
+                       help="pyramid level to read, 0 the full resolution (default: the checkpoint's target MPP)")
+    level.add_argument("--target-mpp", type=float, default=None, metavar="UM_PER_PX",
+                       help="read the level nearest this um/px, reduced when no level is within 15%% "
+                            "(default: the checkpoint's; demo weights: 0.5, about 20x)")
+    p.add_argument("--min-tissue-fraction", type=float, default=None, metavar="F",
+                   help="fraction of non-glass pixels a tile needs to be segmented; 0 keeps every tile with one "
+                        "(the paper's rule) (default: the checkpoint's; demo weights: 0.01)")
+    p.add_argument("--white-threshold", type=int, default=None, metavar="V",
+                   help="glass: R, G and B all above this (default: the checkpoint's; demo weights: 220)")
     p.add_argument("--no-tissue-prefilter", action="store_true",
                    help="read every tile, not only those touching the low-resolution tissue mask")
     p.add_argument("--stitch", choices=["crop", "blend"], default="blend",
-                   help="blend the overlap with linear ramps (no seam), or crop it at its middle (less memory)")
-    p.add_argument("--threads", type=int, default=2, help="reader threads")
+                   help="blend the overlap with linear ramps (no seam), or crop it at its middle (less memory) "
+                        "(default: blend)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="reader threads decoding tiles (default: the cores this process may use, from its CPU "
+                        "affinity and container quota, at most 16)")
     p.add_argument("--backend", default="torch",
                    choices=["torch", "auto", "compiled", "onnxruntime", "tensorrt"],
-                   help="engine backend for the forward pass (auto: the fastest that builds and matches torch)")
+                   help="engine backend for the forward pass (auto: the fastest that builds and matches torch) "
+                        "(default: torch, the eager fp32 reference)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="with --backend other than torch (auto: fp16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--torch-threads", type=int, default=None,
+                   help="compute precision; fp16/bf16 also with --backend torch (fp16 needs a GPU). auto: fp32 "
+                        "with --backend torch, else fp16 on a GPU and fp32 on a CPU (default: auto)")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="CPU threads for the network (default: torch's, or 1 when the cores are already busy)")
     p.add_argument("--handles", choices=["shared", "per_thread"], default="shared",
-                   help="OpenSlide handles: one shared, or one per reader thread")
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0, when the slide lacks it")
-    p.add_argument("--force", action="store_true", help="redo slides whose outputs are already complete")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--demo-size", type=parse_size, default=None, help="WIDTHxHEIGHT of the synthetic demo slide")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic demo slide")
+                   help="OpenSlide handles: one shared, or one per reader thread (default: shared)")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM_PER_PX",
+                   help="microns per pixel of level 0, for slides that do not record it (default: the slide's)")
+    p.add_argument("--min-region-um2", type=float, default=100.0, metavar="UM2",
+                   help="leave tumour regions smaller than this out of the GeoJSON (not the masks); 100 um^2 is "
+                        "about one tumour cell. Slides without an MPP (and no --mpp) use 1600 level-0 pixels "
+                        "instead, as the report says (default: 100)")
+    p.add_argument("--force", action="store_true",
+                   help="redo slides whose outputs are already complete (default: skip them)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (default: a bar when stderr is a terminal)")
+    p.add_argument("--demo-size", type=parse_size, default=None, metavar="WxH",
+                   help="WIDTHxHEIGHT of the synthetic demo slide (default: 28000x28000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic demo slide (default: 0)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("synth", help="write a synthetic H&E-like slide and its ground-truth mask")
@@ -248,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parse_size, default=(8192, 8192), help="WIDTHxHEIGHT in level-0 pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mpp", type=float, default=0.25, help="microns per pixel at level 0 (0.25 is about 40x)")
+    from .synth import DEFAULT_SVS_LAYOUT, SLIDE_LAYOUTS  # noqa: PLC0415 (the help names the default)
+
+    p.add_argument("--layout", choices=SLIDE_LAYOUTS, default=None,
+                   help="aperio: as an Aperio scanner writes an SVS (levels 1, 4, 16, ..., thumbnail, label, "
+                        "macro; .svs only); pow2: a level at every power of two. Default: "
+                        f"{DEFAULT_SVS_LAYOUT} for .svs, pow2 for .tif")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train a model on slides with tumour masks (or on synthetic slides)")
@@ -299,17 +351,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so the same cleanup runs (partial outputs removed)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         return args.func(args)
     except FastGicnError as exc:
         print(f"fastgicn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        what = ("partial outputs removed, finished slides kept; run the same command to resume"
+                if args.command == "segment" else "finished outputs are kept")
+        print(f"fastgicn {args.command}: terminated (SIGTERM): {what}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"fastgicn {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

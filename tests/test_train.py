@@ -142,3 +142,26 @@ def test_slide_file_patches_match_the_synthetic_truth(tmp_path):
     assert len(from_file.positive) > 0
     rgb, mask = from_file[int(from_file.positive[0])]
     assert rgb.shape == (128, 128, 3) and mask.any()
+
+
+def test_patches_from_a_pyramid_without_the_training_level(tmp_path):
+    """A 40x-only pyramid (levels 1/4/16) trains at downsample 2: patches are level 0 box-reduced, masks too."""
+    from fastgicn.slide import open_slide
+    from fastgicn.synth import write_synthetic_slide
+    from fastgicn.train import SlideSource
+
+    slide_path, mask_path = write_synthetic_slide(tmp_path / "s.svs", 2048, 1536, seed=4, layout="aperio",
+                                                  min_level_size=256)
+    with open_slide(slide_path) as slide:
+        assert not any(abs(d - 2) < 0.1 for d in slide.level_downsamples)   # no 2x level to read
+    data = PatchDataset([SlideSource(slide_path)], size=64, downsample=2)
+    assert len(data.positive) > 0 and len(data.negative) > 0
+    with open_slide(slide_path) as slide, open_slide(mask_path) as mask:
+        for i in (int(data.positive[0]), int(data.negative[0])):
+            p = data.patches[i]
+            rgb, label = data[i]
+            level0 = slide.read_region(p.l0_x, p.l0_y, 0, 128, 128).astype(np.float64)
+            ref = np.floor(level0.reshape(64, 2, 64, 2, 3).mean(axis=(1, 3)) + 0.5)
+            np.testing.assert_array_equal(rgb, ref.astype(np.uint8))
+            truth = mask.read_region(p.l0_x, p.l0_y, 0, 128, 128)[..., 0].reshape(64, 2, 64, 2) >= 128
+            np.testing.assert_array_equal(label, truth.sum(axis=(1, 3)) >= 2)

@@ -149,15 +149,16 @@ def tile_background(slide: Slide, grid: np.ndarray, level: int, tile_size: int,
 
 
 def tissue_tiles(slide: Slide, config: TileConfig, *, mask: TissueMask | None = None, read: bool = True,
-                 workers: int = 1, margin: int = 1) -> np.ndarray:
+                 workers: int = 1, margin: int = 1, resolution: Resolution | None = None) -> np.ndarray:
     """The tiles of `slide` to segment: (N, 4) int64 `l0_x, l0_y, w, h` (see the module docstring).
 
     `mask` reuses a tissue mask already computed (otherwise one is made when `config.tissue_prefilter`);
     `read=False` stops after the prefilter (the caller applies `keep_tile` while reading);
-    `workers` threads read candidate tiles."""
+    `workers` threads read candidate tiles; `resolution` replaces the one `config` names (the trainer asks for
+    a downsample)."""
     if not isinstance(config, TileConfig):
         raise ConfigError(f"config must be a TileConfig, got {type(config).__name__}")
-    level = read_resolution_for(slide, config)
+    level = resolution or read_resolution_for(slide, config)
     lvl_w, lvl_h = level.dimensions
     grid = tile_grid(lvl_w, lvl_h, config.tile_size, config.stride, level.downsample)
     if config.tissue_prefilter:

@@ -2,7 +2,8 @@
 
 `segment_slide(slide, out_dir, model, config, device)`:
 
-1. open the slide (`open_slide`), pick the read level (`config.level` / `config.target_mpp`);
+1. open the slide (`open_slide`: the direct tiled-TIFF reader or OpenSlide), pick the resolution to read
+   (`config.level` / `config.target_mpp`: a stored level, or a finer level reduced to the target);
 2. tissue mask at low resolution and candidate tiles (`tissue_tiles(..., read=False)`: the grid, prefiltered by
    the mask when `config.tissue_prefilter`);
 3. reader threads fill a bounded ring of batches (`BatchRing`), rejecting glass tiles as they read them;
@@ -34,10 +35,12 @@ import numpy as np
 import torch
 
 from ..config import TileConfig
-from ..errors import BackendUnavailable, ConfigError, FastGicnError
+from ..engine.base import resolve_device
+from ..errors import ConfigError, FastGicnError
 from .batches import BatchRing
-from .outputs import (LowRes, PyramidBandWriter, geojson_features, lowres_factor, mask_to_polygons,
-                      remove_partials, write_geojson, write_json, write_overlay_png)
+from .outputs import LowRes, PyramidBandWriter, lowres_factor, remove_partials, write_json, write_overlay_png
+from .polygons import (DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area, tumour_geojson,
+                       write_geojson)
 from .stitch import Stitcher
 
 REPORT_FORMAT = "fastgicn-segment-report-1"
@@ -132,13 +135,12 @@ class _TruthDice:
             raise ConfigError(f"truth mask {self.path} is {self.reader.dimensions[0]}x{self.reader.dimensions[1]} "
                               f"but the slide is {slide.dimensions[0]}x{slide.dimensions[1]}: the mask must be "
                               "aligned with the slide's level 0")
-        levels = [i for i, d in enumerate(self.reader.level_downsamples) if abs(d / downsample - 1) < 0.01]
-        if not levels:
-            self.reader.close()
-            raise ConfigError(f"truth mask {self.path} has no level at downsample {downsample:g} (it has "
-                              f"{[round(d, 3) for d in self.reader.level_downsamples]}); write the mask as a "
-                              "pyramid with the slide's levels, or segment at level 0")
-        self.level, self.downsample, self.width = levels[0], self.reader.level_downsamples[levels[0]], width
+        from .resolution import resolution_at
+
+        # the mask at the output's resolution: a level at that downsample, or a finer one box-reduced (a
+        # 0/255 mask's mean is > 127 where at least half of the block is tumour)
+        self.resolution = resolution_at(self.reader, downsample, tolerance=0.01)
+        self.level, self.downsample, self.width = self.resolution, self.resolution.downsample, width
         self.inter = self.pred = self.truth = 0
 
     def add(self, y0: int, label: np.ndarray) -> None:
@@ -156,7 +158,7 @@ class _TruthDice:
         total = self.pred + self.truth
         return {"dice": 1.0 if total == 0 else 2.0 * self.inter / total, "truth": str(self.path),
                 "intersection_pixels": self.inter, "predicted_pixels": self.pred, "truth_pixels": self.truth,
-                "level": self.level}
+                "level": self.resolution.level, "reduction": self.resolution.integer_factor or self.resolution.factor}
 
     def close(self) -> None:
         self.reader.close()
@@ -164,16 +166,6 @@ class _TruthDice:
 
 # ---------------------------------------------------------------------------------------------------
 # the model side
-
-def resolve_device(device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); "
-                                 "use --device cpu or run on a machine with an NVIDIA GPU")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r}: use 'cpu' or 'cuda'")
-    return dev
-
 
 def model_fingerprint(model) -> str:
     """sha256 of the model's name, kwargs, normalisation and weights (what makes two runs' outputs equal);
@@ -319,11 +311,12 @@ def outputs_complete(out_dir, stem: str, fingerprint: str | None = None) -> bool
 
 
 def segment_slide(slide, out_dir, model, config: TileConfig | None = None, device="cpu", *, truth=None,
-                  stitch: str = "blend", threads: int = 2, ring: int | None = None, handles: str = "shared",
+                  stitch: str = "blend", threads: int | None = None, ring: int | None = None, handles: str = "shared",
                   mpp: float | None = None, name: str | None = None, progress: bool | None = None,
                   summary_max_side: int = 4096, overlay_max_side: int = 2048, tiff_tile: int = 256,
-                  min_polygon_pixels: int = 0, weights=None, fingerprint: str | None = None,
-                  model_fp: str | None = None) -> SlideResult:
+                  min_region_um2: float = DEFAULT_MIN_REGION_UM2,
+                  min_region_pixels: float = DEFAULT_MIN_REGION_PIXELS, weights=None,
+                  fingerprint: str | None = None, model_fp: str | None = None) -> SlideResult:
     """Segment one slide (a path, an H x W x 3 uint8 array, or a `Slide` the caller opened and closes) into
     `out_dir`; outputs are named after the file, or `name`.
 
@@ -332,21 +325,30 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
     array, 0 normal / 255 tumour, aligned with level 0) for Dice in the report; `stitch`: "blend" (default:
     no seam with the real network, see tests/test_pipeline.py) or "crop" (half the band memory: 1 byte a
     pixel instead of 2);
-    `threads` reader threads, `ring` batch slots, `handles` "shared" or "per_thread" OpenSlide handles;
+    `threads` reader threads (None: `fastgicn.cpus.default_reader_threads()`, the usable cores up to 16), `ring`
+    batch slots, `handles` "shared" or "per_thread" OpenSlide handles;
     `summary_max_side` the longest side of the reduced mask that polygons and the overlay come from (the
-    full-resolution mask is in the TIFF). Returns a SlideResult whose `report` is what the JSON report holds.
+    full-resolution mask is in the TIFF); `min_region_um2`: tumour regions smaller than this are left out of
+    the GeoJSON (not the masks; default 100 um^2, about one tumour cell), or, on a slide without MPP, those
+    under `min_region_pixels` level-0 pixels (1600: 100 um^2 at 0.25 um/px); the report says which rule ran
+    and what it dropped. Returns a SlideResult whose `report` is what the JSON report holds.
     Raises SlideError / ConfigError naming the file or value at fault; partial outputs are removed.
     """
     from .. import __version__
-    from .grid import read_level_for, tissue_tiles
+    from .grid import read_resolution_for, tissue_tiles
     from .reader import Slide, open_slide
     from .tissue import tissue_mask
 
     config = config or TileConfig()
     if not isinstance(config, TileConfig):
         raise ConfigError(f"config must be a TileConfig, got {type(config).__name__}")
+    if threads is None:
+        from ..cpus import default_reader_threads
+
+        threads = default_reader_threads()
     if stitch not in ("crop", "blend"):
         raise ConfigError(f"stitch={stitch!r}: use 'crop' or 'blend'")
+    min_region_area(None, min_region_um2, min_region_pixels)  # refuse a bad threshold before any work
     device = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -369,9 +371,9 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
             src = open_slide(slide, mpp=mpp, handles=handles) if not isinstance(slide, np.ndarray) else \
                 open_slide(slide, mpp=mpp)
             stack.callback(src.close)
-        level = read_level_for(src, config)
-        ds = float(src.level_downsamples[level])
-        width, height = src.level_dimensions[level]
+        level = read_resolution_for(src, config)  # a stored level, or a finer one reduced to the target
+        ds = float(level.downsample)
+        width, height = level.dimensions
         out_mpp = None if src.mpp is None else src.mpp * ds
         timings["open"] = time.perf_counter() - t0
 
@@ -457,10 +459,11 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         # polygons and overlay from the reduced mask
         t0 = time.perf_counter()
         low = summary.result() >= 128  # at least half of the block is tumour
-        polygons = mask_to_polygons(low, min_pixels=min_polygon_pixels)
-        scale = f * ds
-        collection = geojson_features(polygons, scale, clip=tuple(float(v) for v in src.dimensions),
-                                      mpp=src.mpp)
+        src_path = getattr(src, "path", None)
+        collection, regions = tumour_geojson(low, f * ds, clip=tuple(float(v) for v in src.dimensions),
+                                             mpp=src.mpp, min_region_um2=min_region_um2,
+                                             min_region_pixels=min_region_pixels,
+                                             slide_name=Path(src_path).name if src_path else name)
         write_geojson(paths["geojson"], collection)
         timings["polygons"] = time.perf_counter() - t0
 
@@ -486,7 +489,8 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
             "slide": {"path": str(Path(src.path).resolve()) if getattr(src, "path", None) else None,
                       "name": stem, "vendor": getattr(src, "vendor", None), "dimensions": list(src.dimensions),
                       "level_count": src.level_count, "mpp": src.mpp},
-            "read": {"level": level, "downsample": ds, "dimensions": [width, height], "mpp": out_mpp},
+            "read": {**level.to_dict(src.mpp), "reader": getattr(src, "reader", None),
+                     "reader_note": getattr(src, "reader_note", None)},
             "model": {"name": getattr(model, "model_name", type(model).__name__),
                       "kwargs": getattr(model, "model_kwargs", {}), "weights": None if weights is None else
                       str(weights), "fingerprint": model_fp},
@@ -497,7 +501,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
                       "segmented": n_read - n_rejected, "threads": threads, "ring_slots": batches.n_slots,
                       "ring_bytes": batches.stats.ring_bytes, "pinned": batches.pinned},
             "tumour": {"pixels": tumour_px, "area_mm2": None if out_mpp is None else tumour_px * out_mpp ** 2 / 1e6,
-                       "regions": len(polygons)},
+                       "regions": regions.pop("kept"), "small_regions_dropped": regions},
             "tissue": {"pixels_level0": tissue_l0_px, "mask_downsample": tissue.downsample,
                        "area_mm2": None if src.mpp is None else tissue_l0_px * src.mpp ** 2 / 1e6},
             "dice": None if dice is None else dice.result(),
@@ -595,8 +599,9 @@ def load_model(weights=None, device="cpu"):
     if weights is None and not path.is_file():
         raise ConfigError(f"no --weights given and the demo weights {path} are not installed: pass a checkpoint "
                           "written by `fastgicn train`, or reinstall fastgicn with its weights")
+    device = resolve_device(device)  # a bad --device is refused before the checkpoint is read
     payload = load_checkpoint(path)
-    return model_from_checkpoint(payload, resolve_device(device)), payload, path
+    return model_from_checkpoint(payload, device), payload, path
 
 
 # ---------------------------------------------------------------------------------------------------

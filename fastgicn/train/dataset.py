@@ -55,7 +55,9 @@ class ArraySource:
 
 
 class SlideSource:
-    """A slide file and its mask file (0 normal, 255 tumour, aligned to level 0), both read through OpenSlide."""
+    """A slide file and its mask file (0 normal, 255 tumour, aligned to level 0), read through `open_slide` as
+    inference reads them: a patch at a downsample the pyramid lacks is a finer level box-reduced (a 0/255
+    mask's mean is > 127 where at least half of the block is tumour)."""
 
     def __init__(self, slide_path, mask_path=None):
         from ..slide import open_slide  # the slide layer is optional for synthetic-only training
@@ -72,21 +74,20 @@ class SlideSource:
         self.dimensions = tuple(self.slide.dimensions)
         self.name = slide_path.name
 
-    def _level(self, reader, downsample: int) -> int:
-        for level, ds in enumerate(reader.level_downsamples):
-            if abs(ds - downsample) < 0.01 * downsample:
-                return level
-        raise ConfigError(f"{self.name} has no level at downsample {downsample} "
-                          f"(it has {[round(d, 2) for d in reader.level_downsamples]}): pick one of those")
+    def _level(self, reader, downsample: int):
+        """The `Resolution` of `reader` at `downsample`: a level within 1 %, or a finer one reduced."""
+        from ..slide.resolution import resolution_at
+
+        return resolution_at(reader, downsample, tolerance=0.01)
 
     def tissue_positions(self, size: int, downsample: int, white_threshold: int) -> np.ndarray:
         """Level-0 origins of whole patches that hold tissue (low-res prefilter, then any non-glass pixel)."""
         from ..config import TileConfig
         from ..slide import tissue_tiles
 
-        config = TileConfig(tile_size=size, level=self._level(self.slide, downsample), min_tissue_fraction=0.0,
-                            tissue_prefilter=True, white_threshold=white_threshold)
-        grid = tissue_tiles(self.slide, config)
+        config = TileConfig(tile_size=size, min_tissue_fraction=0.0, tissue_prefilter=True,
+                            white_threshold=white_threshold)
+        grid = tissue_tiles(self.slide, config, resolution=self._level(self.slide, downsample))
         width, height = self.dimensions
         whole = (grid[:, 0] + grid[:, 2] <= width) & (grid[:, 1] + grid[:, 3] <= height)
         return grid[whole, :2]
