@@ -727,7 +727,7 @@ SLIDE_FORMATS = ("aperio", "tiff")
 # "aperio": as an Aperio 40x scanner lays out an SVS (level 0, a stripped thumbnail, tiled levels at
 # downsample 4, 16, 64, ..., a label and a macro image); "pow2": a tiled level at every power of two.
 SLIDE_LAYOUTS = ("aperio", "pow2")
-DEFAULT_SVS_LAYOUT = "pow2"  # the layout of a .svs when none is asked for (.tif is always "pow2")
+DEFAULT_SVS_LAYOUT = "aperio"  # the layout of a .svs when none is asked for (.tif is always "pow2")
 LABEL_SIZE = (415, 422)  # width, height of the synthetic label image (an Aperio label's usual size)
 _LABEL_PAPER = (250, 250, 247)
 _LABEL_INK = (28, 30, 36)

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import tifffile
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,8 +60,13 @@ def test_demo_makes_a_synthetic_slide_segments_it_with_truth_and_reuses_it(tmp_p
     stem = "synthetic_demo_2048x1536_seed0"
     assert (out / f"{stem}.svs").is_file() and (out / f"{stem}.mask.tif").is_file()
     rep = report(out, stem)
-    # the checkpoint's tile config is used: 128-pixel tiles at 0.5 um/px, i.e. level 1 of the 0.25 um/px slide
-    assert rep["config"]["tile_size"] == 128 and rep["read"]["level"] == 1 and rep["read"]["mpp"] == 0.5
+    # the checkpoint's tile config is used: 128-pixel tiles at 0.5 um/px. The demo slide is laid out as an
+    # Aperio 40x scanner writes it (levels 1/4/16: no 20x level), so level 0 is read and reduced 2x
+    assert rep["config"]["tile_size"] == 128 and rep["read"]["mpp"] == 0.5
+    assert (rep["read"]["level"], rep["read"]["reduction"], rep["read"]["reader"]) == (0, 2, "direct")
+    assert rep["read"]["dimensions"] == [1024, 768]
+    with tifffile.TiffFile(out / f"{stem}.tumour_mask.tif") as tf:
+        assert tf.pages[0].shape == (768, 1024)
     assert rep["dice"] is not None and 0.0 <= rep["dice"]["dice"] <= 1.0
     assert rep["dice"]["truth"].endswith(f"{stem}.mask.tif")
     assert rep["model"]["name"] == "cli_test_tiny" and rep["model"]["weights"] == str(checkpoint)
