@@ -391,3 +391,146 @@ def box_reduce(src, out, Py_ssize_t factor, threshold=220):
     finally:
         free(acc)
     return white
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stitcher loops (fastgicn/slide/stitch.py): place a batch of uint8 tile predictions into the band of
+# rows still open, as plain copies (crop, or blend without overlap) or as 8.8 fixed-point weighted sums
+# (blend), and turn finished sums back into uint8. Boxes are checked in Python once per call, then every
+# tile of the batch is done in one `nogil` loop of row kernels.
+
+from libc.stdint cimport uint16_t, int64_t
+from libc.string cimport memcpy, memmove
+
+cdef extern from *:
+    """
+    /* acc += p * w: p uint8, w 8.8 fixed point (<= 256); the sums of a partition of unity stay <= 65280. */
+    FG_CLONES static void fg_blend_row(uint16_t *FG_RESTRICT acc, const uint8_t *FG_RESTRICT p,
+                                       const uint16_t *FG_RESTRICT w, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) acc[i] = (uint16_t)(acc[i] + (uint16_t)(p[i] * w[i]));
+    }
+    /* 8.8 fixed point -> uint8, rounded half up, clamped to 255. */
+    FG_CLONES static void fg_fixed_row(const uint16_t *FG_RESTRICT acc, uint8_t *FG_RESTRICT out,
+                                       Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t v = ((uint32_t)acc[i] + 128u) >> 8;
+            out[i] = (uint8_t)(v > 255u ? 255u : v);
+        }
+    }
+    """
+    void fg_blend_row(uint16_t *acc, const uint8_t *p, const uint16_t *w, Py_ssize_t n) noexcept nogil
+    void fg_fixed_row(const uint16_t *acc, uint8_t *out, Py_ssize_t n) noexcept nogil
+
+
+def _check_boxes(boxes, Py_ssize_t ncols, Py_ssize_t n_tiles, Py_ssize_t t_h, Py_ssize_t t_w,
+                 Py_ssize_t b_h, Py_ssize_t b_w, Py_ssize_t n_weights=0):
+    boxes = np.ascontiguousarray(boxes, dtype=np.int64)
+    if boxes.ndim != 2 or boxes.shape[1] != ncols:
+        raise ConfigError(f"boxes must be (n, {ncols}) int64, got {_describe(boxes)}")
+    if boxes.shape[0] == 0:
+        return boxes
+    j = boxes[:, 0]
+    sy, sx, by, bx, h, w = (boxes[:, ncols - 6 + k] for k in range(6))
+    bad = ((j < 0) | (j >= n_tiles) | (h < 0) | (w < 0) | (sy < 0) | (sx < 0) | (sy + h > t_h) | (sx + w > t_w)
+           | (by < 0) | (bx < 0) | (by + h > b_h) | (bx + w > b_w))
+    if ncols == 8:
+        bad |= (boxes[:, 1] < 0) | (boxes[:, 1] >= n_weights)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ConfigError(f"box {k} {boxes[k].tolist()} falls outside its tile ({n_tiles} of {t_h} x {t_w}) "
+                          f"or the band ({b_h} x {b_w})")
+    return boxes
+
+
+def stitch_copy(band, tiles, boxes):
+    """Copy boxes of uint8 `tiles` (n, t, t) into the uint8 `band` (rows, width), C-contiguous both. Each
+    row of `boxes` (int64) is ``tile, src_y, src_x, band_y, band_x, h, w``."""
+    if not (isinstance(band, np.ndarray) and band.dtype == np.uint8 and band.ndim == 2
+            and band.flags.c_contiguous and band.flags.writeable):
+        raise ConfigError(f"band must be a writable C-contiguous (rows, width) uint8 array, got {_describe(band)}")
+    tiles = np.ascontiguousarray(tiles)
+    if tiles.dtype != np.uint8 or tiles.ndim != 3:
+        raise ConfigError(f"tiles must be (n, t, t) uint8, got {_describe(tiles)}")
+    boxes = _check_boxes(boxes, 7, tiles.shape[0], tiles.shape[1], tiles.shape[2], band.shape[0], band.shape[1])
+    cdef Py_ssize_t nb = boxes.shape[0], k, r
+    if nb == 0:
+        return
+    cdef uint8_t[:, ::1] b = band
+    cdef const uint8_t[:, :, ::1] t = tiles
+    cdef const int64_t[:, ::1] bx = boxes
+    with nogil:
+        for k in range(nb):
+            if bx[k, 6] == 0:
+                continue
+            for r in range(bx[k, 5]):
+                memcpy(&b[bx[k, 3] + r, bx[k, 4]], &t[bx[k, 0], bx[k, 1] + r, bx[k, 2]], bx[k, 6])
+
+
+def stitch_blend(acc, tiles, weights, boxes):
+    """acc += tile * weight over boxes: `acc` (rows, width) uint16 8.8 fixed-point sums, `tiles` (n, t, t)
+    uint8, `weights` (k, t, t) uint16 (256 is 1); each row of `boxes` (int64) is
+    ``tile, weight, src_y, src_x, band_y, band_x, h, w`` (the weight tile is read at the source position).
+    Weights must be <= 256 and sum to at most 256 over the tiles covering a pixel (the caller's partition of
+    unity; not checked per call, it would cost more than the loop): sums stay below 65536."""
+    if not (isinstance(acc, np.ndarray) and acc.dtype == np.uint16 and acc.ndim == 2
+            and acc.flags.c_contiguous and acc.flags.writeable):
+        raise ConfigError(f"acc must be a writable C-contiguous (rows, width) uint16 array, got {_describe(acc)}")
+    tiles = np.ascontiguousarray(tiles)
+    if tiles.dtype != np.uint8 or tiles.ndim != 3:
+        raise ConfigError(f"tiles must be (n, t, t) uint8, got {_describe(tiles)}")
+    weights = np.ascontiguousarray(weights)
+    if weights.dtype != np.uint16 or weights.ndim != 3 or weights.shape[1:] != tiles.shape[1:]:
+        raise ConfigError(f"weights must be (k, {tiles.shape[1]}, {tiles.shape[2]}) uint16, got "
+                          f"{_describe(weights)}")
+    boxes = _check_boxes(boxes, 8, tiles.shape[0], tiles.shape[1], tiles.shape[2], acc.shape[0], acc.shape[1],
+                         weights.shape[0])
+    cdef Py_ssize_t nb = boxes.shape[0], k, r, sy, sx
+    if nb == 0:
+        return
+    cdef uint16_t[:, ::1] a = acc
+    cdef const uint8_t[:, :, ::1] t = tiles
+    cdef const uint16_t[:, :, ::1] wt = weights
+    cdef const int64_t[:, ::1] bx = boxes
+    with nogil:
+        for k in range(nb):
+            if bx[k, 7] == 0:
+                continue
+            for r in range(bx[k, 6]):
+                sy = bx[k, 2] + r
+                sx = bx[k, 3]
+                fg_blend_row(&a[bx[k, 4] + r, bx[k, 5]], &t[bx[k, 0], sy, sx], &wt[bx[k, 1], sy, sx], bx[k, 7])
+
+
+def fixed_to_u8(acc, out):
+    """`out` (h, w) uint8 = min((acc + 128) >> 8, 255) of the first h rows of `acc` (rows >= h, w) uint16."""
+    if not (isinstance(acc, np.ndarray) and acc.dtype == np.uint16 and acc.ndim == 2 and acc.flags.c_contiguous):
+        raise ConfigError(f"acc must be a C-contiguous (rows, width) uint16 array, got {_describe(acc)}")
+    if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 2 and out.flags.c_contiguous
+            and out.flags.writeable and out.shape[0] <= acc.shape[0] and out.shape[1] == acc.shape[1]):
+        raise ConfigError(f"out must be a writable C-contiguous (h <= {acc.shape[0]}, {acc.shape[1]}) uint8 "
+                          f"array, got {_describe(out)}")
+    cdef Py_ssize_t h = out.shape[0], w = out.shape[1], r
+    if h == 0 or w == 0:
+        return
+    cdef const uint16_t[:, ::1] a = acc
+    cdef uint8_t[:, ::1] o = out
+    with nogil:
+        for r in range(h):
+            fg_fixed_row(&a[r, 0], &o[r, 0], w)
+
+
+def band_shift(band, Py_ssize_t m):
+    """Move rows m.. of the C-contiguous 2-D `band` (any dtype) up to row 0 and zero the last m rows."""
+    if not (isinstance(band, np.ndarray) and band.ndim == 2 and band.flags.c_contiguous and band.flags.writeable):
+        raise ConfigError(f"band must be a writable C-contiguous 2-D array, got {_describe(band)}")
+    cdef Py_ssize_t rows = band.shape[0]
+    if m < 0 or m > rows:
+        raise ConfigError(f"shift by {m} rows: use 0..{rows}")
+    if m == 0 or band.size == 0:
+        return
+    cdef uint8_t[:, ::1] raw = band.view(np.uint8).reshape(rows, -1)
+    cdef Py_ssize_t row_bytes = raw.shape[1]
+    with nogil:
+        if m < rows:
+            memmove(&raw[0, 0], &raw[m, 0], (rows - m) * row_bytes)
+        memset(&raw[rows - m, 0], 0, m * row_bytes)

@@ -26,3 +26,18 @@ def white_fraction(rgb: npt.NDArray[np.uint8], threshold: int = 220) -> float:
 def box_reduce(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], factor: int, threshold: int = 220) -> int:
     """factor x factor box mean (rounded half up) of RGB (h*f, w*f, 3) into `out` (h, w, 3); returns the
     background count of the output."""
+
+def stitch_copy(band: npt.NDArray[np.uint8], tiles: npt.NDArray[np.uint8], boxes: npt.NDArray[np.int64]) -> None:
+    """Copy boxes (rows ``tile, src_y, src_x, band_y, band_x, h, w``) of uint8 tiles (n, t, t) into the uint8
+    band (rows, width)."""
+
+def stitch_blend(acc: npt.NDArray[np.uint16], tiles: npt.NDArray[np.uint8], weights: npt.NDArray[np.uint16],
+                 boxes: npt.NDArray[np.int64]) -> None:
+    """acc += tile * weight (8.8 fixed point, weights <= 256) over boxes (rows ``tile, weight, src_y, src_x,
+    band_y, band_x, h, w``)."""
+
+def fixed_to_u8(acc: npt.NDArray[np.uint16], out: npt.NDArray[np.uint8]) -> None:
+    """out = min((acc + 128) >> 8, 255) over the first out.shape[0] rows of acc."""
+
+def band_shift(band: npt.NDArray, m: int) -> None:
+    """Move rows m.. of a C-contiguous 2-D band up to row 0 and zero the last m rows."""

@@ -201,3 +201,177 @@ def test_glass_gaps_do_not_grow_the_band():
         st.add(i, np.full((tile, tile), 5, np.uint8))
     st.close()
     assert st.peak_band_rows <= 2 * tile
+
+
+# -- add_batch: the batch path against per-tile add and against an independent NumPy reference ---------------
+def fixed_ramp_reference(o):
+    """The documented 8.8 ramp, written out: floor(256 * clip((d + 1/2 - o/4) / (o/2), 0, 1) + 1/2) for the
+    tile on the left (d: distance from its right edge), the right half mirrored to sum to 256."""
+    r = [int(np.floor(256 * min(1.0, max(0.0, (o - 1 - k + 0.5 - o / 4) / (o / 2))) + 0.5)) for k in range(o)]
+    for k in range(o // 2):
+        r[o - 1 - k] = 256 - r[k]
+    return np.array(r, np.int64)
+
+
+def reference_stitch(grid, w, h, tile, preds, mode):
+    """Whole-image NumPy version of the documented formulas (no band, no batches): crop gives each pixel to
+    the tile whose kept cell (overlaps split in the middle) holds it; blend is min((sum p * W + 128) >> 8, 255)
+    with W the 8.8 product of the tiles' 1-D ramps, rounded half up or (one-sided corners) half down."""
+    def axis(starts):
+        uniq = sorted(set(starts))
+        info = {}
+        for k, s in enumerate(uniq):
+            lo = max(0, uniq[k - 1] + tile - s) if k else 0
+            hi = max(0, s + tile - uniq[k + 1]) if k + 1 < len(uniq) else 0
+            info[s] = (lo, hi, s + lo // 2 if lo else s, uniq[k + 1] + hi // 2 if hi else s + tile)
+        return info
+
+    ax, ay = axis(grid[:, 0].tolist()), axis(grid[:, 1].tolist())
+    W = 2 * tile + w + h
+    if mode == "crop":
+        out = np.zeros((h + W, w + W), np.int64)
+        for (x, y), p in zip(grid.tolist(), preds):
+            if p is None:
+                continue
+            x0, x1, y0, y1 = ax[x][2], ax[x][3], ay[y][2], ay[y][3]
+            out[y0:y1, x0:x1] = p[y0 - y:y1 - y, x0 - x:x1 - x]
+        return out[:h, :w].astype(np.uint8)
+    acc = np.zeros((h + W, w + W), np.int64)
+    for (x, y), p in zip(grid.tolist(), preds):
+        if p is None:
+            continue
+
+        def weights(lo, hi):
+            v = np.full(tile, 256, np.int64)
+            if lo:
+                v[:lo] = np.minimum(v[:lo], fixed_ramp_reference(lo)[::-1])
+            if hi:
+                v[tile - hi:] = np.minimum(v[tile - hi:], fixed_ramp_reference(hi))
+            return v
+
+        u, v = weights(*ax[x][:2]), weights(*ay[y][:2])
+        ii, jj = np.meshgrid(np.arange(tile), np.arange(tile), indexing="ij")
+        half = np.where((ii < ay[y][0]) != (jj < ax[x][0]), 127, 128)
+        acc[y:y + tile, x:x + tile] += p.astype(np.int64) * ((v[:, None] * u[None, :] + half) >> 8)
+    return np.minimum((acc[:h, :w] + 128) >> 8, 255).astype(np.uint8)
+
+
+def feed_batches(grid, w, h, tile, preds, mode, order, sizes, via="add_batch"):
+    out = np.zeros((h, w), np.uint8)
+    flushed = []
+
+    def sink(y0, rows):
+        assert not flushed or flushed[-1] == y0  # in order, once
+        flushed.append(y0 + len(rows))
+        out[y0:y0 + len(rows)] = rows
+
+    st = Stitcher(grid, w, h, tile, sink, mode=mode)
+    k = 0
+    for n in sizes:
+        chunk = order[k:k + n]
+        k += n
+        if via == "add":
+            for i in chunk:
+                st.skip(i) if preds[i] is None else st.add(i, preds[i])
+            continue
+        keep = [i for i in chunk if preds[i] is not None]
+        st.skip_batch(np.array([i for i in chunk if preds[i] is None], np.int64))
+        st.add_batch(np.array(keep, np.int64), np.stack([preds[i] for i in keep]) if keep
+                     else np.zeros((0, tile, tile), np.uint8))
+    st.close()
+    assert st.band_bytes == 0 and st.peak_band_rows <= 2 * tile and flushed[-1] == h
+    return out, st
+
+
+def batch_sizes(n, rng):
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(rng.integers(1, 9)))
+    return sizes
+
+
+# (height, width, tile, overlap): odd grids whose last tiles run past the image, overlaps odd and even
+BATCH_CASES = [(100, 130, 32, 0), (97, 61, 32, 8), (45, 200, 40, 16), (150, 90, 48, 24), (77, 83, 32, 7),
+               (20, 17, 32, 2), (130, 130, 32, 13)]
+
+
+@pytest.mark.parametrize("mode", ["crop", "blend"])
+@pytest.mark.parametrize("h,w,tile,overlap", BATCH_CASES)
+def test_add_batch_equals_add_and_the_numpy_reference(mode, h, w, tile, overlap):
+    rng = np.random.default_rng(h * 7 + w + overlap)
+    grid = regular_grid(w, h, tile, overlap)
+    preds = [rng.integers(0, 256, (tile, tile), dtype=np.uint8) for _ in grid]
+    for i in rng.choice(len(grid), size=len(grid) // 4, replace=False):
+        preds[i] = None  # skipped (glass)
+    ref = reference_stitch(grid, w, h, tile, preds, mode)
+    for order in (np.arange(len(grid)), rng.permutation(len(grid)), np.arange(len(grid))[::-1]):
+        sizes = batch_sizes(len(grid), rng)
+        batched, _ = feed_batches(grid, w, h, tile, preds, mode, order.tolist(), sizes)
+        single, _ = feed_batches(grid, w, h, tile, preds, mode, order.tolist(), sizes, via="add")
+        np.testing.assert_array_equal(batched, ref)
+        np.testing.assert_array_equal(single, ref)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", BATCH_CASES)
+def test_fixed_point_blend_weights_are_an_exact_partition_of_unity(h, w, tile, overlap):
+    grid = regular_grid(w, h, tile, overlap)
+    ones = [np.full((tile, tile), 255, np.uint8)] * len(grid)
+    out, st = feed_batches(grid, w, h, tile, ones, "blend", list(range(len(grid))), [len(grid)])
+    assert (out == 255).all()  # 255 * sum(W) == 255 * 256 everywhere, no overflow
+    if not st.plain:
+        total = np.zeros((h + tile, w + tile), np.int64)
+        for (x, y), k in zip(grid.tolist(), st._wid.tolist()):
+            total[y:y + tile, x:x + tile] += st._weights[k]
+        assert (total[:h, :w] == 256).all()
+    for o in range(1, 65):
+        np.testing.assert_array_equal(fixed_ramp_reference(o) + fixed_ramp_reference(o)[::-1], 256)
+
+
+def test_overlap_zero_blend_is_a_plain_copy():
+    grid = regular_grid(96, 64, 32, 0)
+    st = Stitcher(grid, 96, 64, 32, lambda y0, rows: None, mode="blend")
+    assert st.plain and st.band_bytes == 64 * 96  # uint8 band, no weights
+    assert not Stitcher(regular_grid(96, 64, 32, 8), 96, 64, 32, lambda y0, r: None, mode="blend").plain
+
+
+def test_out_of_order_batches_wait_aside_then_land():
+    h, w, tile, o = 400, 100, 32, 8
+    grid = regular_grid(w, h, tile, o)
+    rng = np.random.default_rng(1)
+    preds = [rng.integers(0, 256, (tile, tile), dtype=np.uint8) for _ in grid]
+    order = list(range(len(grid)))[::-1]  # bottom first: everything waits for the top row
+    for mode in ("crop", "blend"):
+        out, st = feed_batches(grid, w, h, tile, preds, mode, order, [5] * (len(grid) // 5 + 1))
+        np.testing.assert_array_equal(out, reference_stitch(grid, w, h, tile, preds, mode))
+        assert st.peak_deferred > len(grid) // 2 and not st._deferred and st.peak_band_rows == 2 * tile
+
+
+def test_stitching_from_another_thread_gives_the_same_rows():
+    import threading
+
+    h, w, tile, o = 150, 90, 48, 24
+    grid = regular_grid(w, h, tile, o)
+    rng = np.random.default_rng(2)
+    preds = [rng.integers(0, 256, (tile, tile), dtype=np.uint8) for _ in grid]
+    result = {}
+    th = threading.Thread(target=lambda: result.update(out=feed_batches(
+        grid, w, h, tile, preds, "blend", list(range(len(grid))), [4] * len(grid))[0]))
+    th.start()
+    th.join()
+    np.testing.assert_array_equal(result["out"], reference_stitch(grid, w, h, tile, preds, "blend"))
+
+
+def test_batch_errors_name_the_tile():
+    grid = regular_grid(64, 64, 32, 0)
+    st = Stitcher(grid, 64, 64, 32, lambda y0, rows: None)
+    z = np.zeros((2, 32, 32), np.uint8)
+    with pytest.raises(ConfigError, match="tile 1 .* already"):
+        st.add_batch([1, 1], z)
+    with pytest.raises(ConfigError, match="uint8 probabilities of shape \\(2, 32, 32\\)"):
+        st.add_batch([0, 1], z.astype(np.float32))
+    with pytest.raises(ConfigError, match="outside the grid"):
+        st.skip_batch([4])
+    st.add_batch([0, 1], z)
+    with pytest.raises(ConfigError, match="tile 0 .* already"):
+        st.skip_batch([2, 0])
+    assert not st._done[2]  # a refused batch changes nothing

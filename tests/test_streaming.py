@@ -1,112 +1,136 @@
-"""TileStream: regions match a whole-canvas oracle in any push order, come out as soon as their tiles are done."""
+"""TileStream: the pipeline's stitcher under a push API. Regions equal the stitcher (and segment_slide) on the
+same tile predictions in any push order, and come out as soon as no tile still to come can touch them."""
 import numpy as np
 import pytest
+import torch
+from test_pipeline import LocalModel, read_tiff, tissue_image
 
+from fastgicn.config import TileConfig
 from fastgicn.engine.streaming import TileStream
 from fastgicn.errors import ConfigError
+from fastgicn.slide.stitch import stitch_to_array
 
 
 def fake_predict(tiles: np.ndarray) -> np.ndarray:
     """Tile-dependent probabilities (pixel red channel mixed with the tile mean), so overlaps disagree and the
-    averaging is really exercised."""
+    stitching is really exercised."""
     x = tiles.astype(np.float32) / 255.0
     p1 = 0.6 * x[..., 0] + 0.4 * x.mean(axis=(1, 2, 3))[:, None, None]
     return np.stack([1.0 - p1, p1], axis=1).astype(np.float32)
 
 
-def oracle(image, tile, stride, skipped=()):
-    """Sum of probabilities and counts over the whole canvas, tile by tile (the slow obvious way)."""
-    h, w = image.shape[:2]
-    n_rows = 1 if h <= tile else -(-(h - tile) // stride) + 1
-    n_cols = 1 if w <= tile else -(-(w - tile) // stride) + 1
-    total = np.zeros((2, h, w), np.float32)
-    count = np.zeros((h, w), np.int32)
-    for r in range(n_rows):
-        for c in range(n_cols):
-            if (c, r) in skipped:
-                continue
-            y, x = r * stride, c * stride
-            t = np.zeros((tile, tile, 3), np.uint8)
-            crop = image[y:y + tile, x:x + tile]
-            t[:crop.shape[0], :crop.shape[1]] = crop
-            p = fake_predict(t[None])[0]
-            hh, ww = min(tile, h - y), min(tile, w - x)
-            total[:, y:y + hh, x:x + ww] += p[:, :hh, :ww]
-            count[y:y + hh, x:x + ww] += 1
-    probs = total / np.maximum(count, 1)
-    probs[0][count == 0] = 1.0
-    return probs, count
+def as_uint8(probs):
+    return np.rint(probs[:, 1] * np.float32(255)).astype(np.uint8)
 
 
-def tiles_of(image, stream, downsample=1):
+def tiles_of(image, stream, downsample=1, fill=0):
     t = stream.tile_size
     for l0_x, l0_y in stream.tile_positions():
         x, y = l0_x // downsample, l0_y // downsample
-        tile = np.zeros((t, t, 3), np.uint8)
+        tile = np.full((t, t, 3), fill, np.uint8)
         crop = image[y:y + t, x:x + t]
         tile[:crop.shape[0], :crop.shape[1]] = crop
         yield tile, int(l0_x), int(l0_y)
 
 
+def stitcher_oracle(image, stream, skipped=(), downsample=1, fill=0):
+    """The same tile predictions through stitch_to_array (the pipeline's stitcher, all at once)."""
+    grid = stream.tile_positions() // downsample
+    preds = []
+    for tile, x, y in tiles_of(image, stream, downsample, fill):
+        c, r = x // (stream.stride * downsample), y // (stream.stride * downsample)
+        preds.append(None if (c, r) in skipped else as_uint8(fake_predict(tile[None]))[0])
+    return stitch_to_array(grid, stream.lvl_width, stream.lvl_height, stream.tile_size, preds, mode=stream.stitch)
+
+
 def assemble(regions, shape):
-    probs = np.full((2,) + shape, np.nan, np.float32)
+    prob = np.zeros(shape, np.uint8)
     labels = np.full(shape, 255, np.uint8)
     cover = np.zeros(shape, np.int32)
     seen = np.zeros(shape, np.int32)
+    y = 0
     for reg in regions:
+        assert reg.lvl_x == 0 and reg.width == shape[1] and reg.lvl_y == y  # bands of whole rows, in order
+        y += reg.height
         sl = (slice(reg.lvl_y, reg.lvl_y + reg.height), slice(reg.lvl_x, reg.lvl_x + reg.width))
-        probs[(slice(None),) + sl] = reg.probabilities
+        assert reg.probability.dtype == np.uint8
+        prob[sl] = reg.probability
         labels[sl] = reg.labels
         cover[sl] = reg.coverage
         seen[sl] += 1
-    return probs, labels, cover, seen
+    return prob, labels, cover, seen
 
 
+@pytest.mark.parametrize("stitch", ["blend", "crop"])
 @pytest.mark.parametrize("height,width,overlap,batch", [(200, 150, 0, 3), (200, 150, 16, 4), (64, 64, 8, 2),
-                                                        (50, 230, 32, 5)])
-def test_regions_match_the_canvas_oracle_in_any_order(height, width, overlap, batch):
+                                                        (50, 230, 32, 5), (131, 97, 13, 3)])
+def test_regions_equal_the_stitcher_in_any_order(height, width, overlap, batch, stitch):
     rng = np.random.default_rng(height + width + overlap)
     image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     stream = TileStream(fake_predict, width=width, height=height, tile_size=64, overlap=overlap,
-                        batch_size=batch)
+                        batch_size=batch, stitch=stitch)
     tiles = list(tiles_of(image, stream))
     regions = []
     for i in rng.permutation(len(tiles)):
         regions += stream.push(*tiles[i])
     regions += stream.close()
-    assert stream.done and len(regions) == stream.n_rows * stream.n_cols
-    probs, labels, cover, seen = assemble(regions, (height, width))
-    assert (seen == 1).all(), "regions must tile the area exactly once"
-    ref, ref_count = oracle(image, 64, 64 - overlap)
-    np.testing.assert_allclose(probs, ref, rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(cover, ref_count)
-    np.testing.assert_array_equal(labels, ref.argmax(0))
-
-
-def test_row_major_scan_hands_back_each_region_as_soon_as_its_tile_is_done():
-    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    stream = TileStream(fake_predict, width=256, height=256, tile_size=64, overlap=16, batch_size=1)
-    for tile, x, y in tiles_of(image, stream):
-        out = stream.push(tile, x, y)
-        c, r = x // stream.stride, y // stream.stride
-        # region (c, r) waits only for tiles scanned before it (left, above): finished right away
-        assert [(reg.t_col, reg.t_row) for reg in out] == [(c, r)]
     assert stream.done
-    # with overlap, only the regions touched by done tiles but missing a tile are held: about one row
-    assert stream.max_buffered_regions <= 2 * stream.n_cols + 2
+    prob, labels, cover, seen = assemble(regions, (height, width))
+    assert (seen == 1).all(), "regions must tile the area exactly once"
+    ref = stitcher_oracle(image, stream)
+    np.testing.assert_array_equal(prob, ref)
+    np.testing.assert_array_equal(labels, ref >= 128)
+    assert cover.min() >= 1 and (cover.max() == 1) == (stitch == "crop" or overlap == 0 or len(tiles) == 1)
+    fp = regions[0].probabilities  # the float view for callers of the earlier API
+    assert fp.dtype == np.float32 and fp.shape == (2, regions[0].height, width)
+    np.testing.assert_allclose(fp.sum(0), 1, atol=1e-6)
+    np.testing.assert_allclose(fp[1], regions[0].probability / 255, atol=1e-6)
 
 
-def test_a_region_waits_for_every_overlapping_tile():
-    image = np.zeros((128, 128, 3), np.uint8) + 100
-    stream = TileStream(fake_predict, width=128, height=128, tile_size=64, overlap=16, batch_size=1)
+def test_uint8_predictions_go_straight_to_the_stitcher():
+    image = np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    streams = [TileStream(p, width=120, height=100, tile_size=64, overlap=16, batch_size=3)
+               for p in (fake_predict, lambda t: as_uint8(fake_predict(t)))]
+    maps = []
+    for stream in streams:
+        regions = []
+        for tile, x, y in tiles_of(image, stream):
+            regions += stream.push(tile, x, y)
+        maps.append(assemble(regions + stream.close(), (100, 120))[0])
+    np.testing.assert_array_equal(*maps)
+
+
+@pytest.mark.parametrize("stitch", ["blend", "crop"])
+def test_row_major_scan_hands_back_each_band_as_its_row_of_tiles_is_done(stitch):
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    stream = TileStream(fake_predict, width=256, height=256, tile_size=64, overlap=16, batch_size=1,
+                        stitch=stitch)
+    s, margin = stream.stride, (16 // 2 if stitch == "crop" else 0)
+    y = 0
+    for tile, x, yy in tiles_of(image, stream):
+        out = stream.push(tile, x, yy)
+        c, r = x // s, yy // s
+        if c < stream.n_cols - 1:
+            assert out == []  # a band waits for its whole row of tiles
+        else:  # the row is done: every row above the next tile row's first (or the last row) is final
+            end = 256 if r == stream.n_rows - 1 else (r + 1) * s + margin
+            assert [(reg.lvl_y, reg.height) for reg in out] == [(y, end - y)]
+            y = end
+    assert y == 256 and stream.done and stream.close() == []
+    assert stream.peak_deferred_tiles == 0 and stream.band_bytes == 0  # nothing held aside; band released
+
+
+def test_a_band_waits_for_every_tile_that_touches_it():
+    image = np.zeros((112, 112, 3), np.uint8) + 100
+    stream = TileStream(fake_predict, width=112, height=112, tile_size=64, overlap=16, batch_size=1)
+    assert stream.grid_shape == (2, 2)
     tiles = {(x, y): t for t, x, y in tiles_of(image, stream)}
     s = stream.stride
-    # region (1, 1) needs tiles (0,0), (1,0), (0,1), (1,1); push (1,1) first: nothing may come out
     assert stream.push(tiles[(s, s)], s, s) == []
     assert stream.push(tiles[(0, s)], 0, s) == []
     assert stream.push(tiles[(s, 0)], s, 0) == []
-    out = stream.push(tiles[(0, 0)], 0, 0)
-    assert sorted((r.t_col, r.t_row) for r in out) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    out = stream.push(tiles[(0, 0)], 0, 0)  # the last tile that touches any row: all of it comes out
+    assert [(r.lvl_y, r.height) for r in out] == [(0, 112)]
 
 
 def test_skipped_tiles_finish_regions_and_read_as_background():
@@ -117,20 +141,15 @@ def test_skipped_tiles_finish_regions_and_read_as_background():
     regions = []
     for tile, x, y in tiles_of(image, stream):
         c, r = x // 64, y // 64
-        if (c, r) in skipped:
-            out = stream.skip(x, y)
-            assert [(reg.t_col, reg.t_row) for reg in out] == [(c, r)]  # nothing else needed it
-            assert (out[0].coverage == 0).all() and (out[0].labels == 0).all()
-            assert (out[0].probabilities[0] == 1).all()
-            regions += out
-        else:
-            regions += stream.push(tile, x, y)
+        regions += stream.skip(x, y) if (c, r) in skipped else stream.push(tile, x, y)
     regions += stream.close()
-    probs, _, cover, seen = assemble(regions, (192, 192))
-    ref, ref_count = oracle(image, 64, 64, skipped)
+    prob, labels, cover, seen = assemble(regions, (192, 192))
     assert (seen == 1).all()
-    np.testing.assert_allclose(probs, ref, atol=1e-6)
-    np.testing.assert_array_equal(cover, ref_count)
+    np.testing.assert_array_equal(prob, stitcher_oracle(image, stream, skipped))
+    for c, r in skipped:
+        cell = (slice(r * 64, r * 64 + 64), slice(c * 64, c * 64 + 64))
+        assert (cover[cell] == 0).all() and (prob[cell] == 0).all() and (labels[cell] == 0).all()
+    assert cover.sum() == 7 * 64 * 64
 
 
 def test_close_counts_unseen_tiles_as_skipped():
@@ -138,9 +157,10 @@ def test_close_counts_unseen_tiles_as_skipped():
     tile = np.full((64, 64, 3), 200, np.uint8)
     assert stream.push(tile, 0, 0) == []       # batch not full yet
     regions = stream.close()
-    assert sorted(r.t_col for r in regions) == [0, 1, 2]
-    last = max(regions, key=lambda r: r.t_col)
-    assert last.width == 130 - 2 * 64 and (last.coverage == 0).all()
+    assert [(r.lvl_y, r.height, r.width) for r in regions] == [(0, 64, 130)]
+    cover = regions[0].coverage
+    assert (cover[:, :64] == 1).all() and (cover[:, 64:] == 0).all() and (regions[0].probability[:, 64:] == 0).all()
+    assert stream.close() == []
     with pytest.raises(ConfigError, match="closed"):
         stream.push(tile, 64, 0)
 
@@ -155,10 +175,44 @@ def test_downsample_maps_level0_positions_to_read_level_regions():
     for tile, x, y in tiles_of(lvl, stream, downsample=2):
         regions += stream.push(tile, x, y)
     regions += stream.close()
-    probs, _, _, seen = assemble(regions, (100, 140))
+    prob, _, _, seen = assemble(regions, (100, 140))
     assert (seen == 1).all()
-    np.testing.assert_allclose(probs, oracle(lvl, 64, 56)[0], atol=1e-6)
-    assert regions[0].l0_x == 2 * regions[0].lvl_x
+    np.testing.assert_array_equal(prob, stitcher_oracle(lvl, stream, downsample=2))
+    assert regions[1].l0_y == 2 * regions[1].lvl_y
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("stitch", ["crop", "blend"])
+def test_stream_equals_segment_slide_on_the_same_tiles(tmp_path, stitch):
+    """The streaming API and the whole-slide pipeline stitch the same model's tiles to the same map."""
+    from fastgicn.models.preprocess import to_model_input
+    from fastgicn.slide.pipeline import segment_slide
+
+    h, w, tile, overlap = 211, 300, 64, 8
+    img = tissue_image(h, w)
+    model = LocalModel()
+    config = TileConfig(tile_size=tile, overlap=overlap, batch_size=3, tissue_prefilter=False,
+                        min_tissue_fraction=0.0)
+    res = segment_slide(img, tmp_path, model, config, name="arr", mpp=0.5, stitch=stitch, threads=1,
+                        progress=False, min_region_um2=0)
+    _, expected = read_tiff(res.outputs["probability"])
+
+    def predict(tiles):  # the pipeline's arithmetic: normalise, forward, softmax, x 255, round, uint8
+        with torch.inference_mode():
+            x = to_model_input(torch.from_numpy(tiles), model.mean, model.std)
+            p = torch.softmax(model(x).float(), dim=1)[:, 1]
+            return p.mul_(255.0).round_().to(torch.uint8).numpy()
+
+    stream = TileStream(predict, width=w, height=h, tile_size=tile, overlap=overlap, batch_size=3,
+                        stitch=stitch)
+    regions = []
+    for t, x, y in tiles_of(img, stream, fill=255):  # the reader pads past the edge with white
+        regions += stream.push(t, x, y)
+    prob, labels, _, _ = assemble(regions + stream.close(), (h, w))
+    diff = np.abs(prob.astype(int) - expected)
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # equal up to float rounding of the softmax
+    _, mask = read_tiff(res.outputs["mask"])
+    assert ((labels * 255) != mask).mean() < 1e-3
 
 
 @pytest.mark.parametrize("call,match", [
@@ -190,5 +244,5 @@ def test_duplicate_tiles_and_bad_geometry_raise():
 def test_predict_returning_the_wrong_shape_is_reported():
     stream = TileStream(lambda t: np.zeros((len(t), 3, 64, 64), np.float32), width=64, height=64, tile_size=64,
                         batch_size=1)
-    with pytest.raises(ConfigError, match="predict returned shape"):
+    with pytest.raises(ConfigError, match="predict returned"):
         stream.push(np.zeros((64, 64, 3), np.uint8), 0, 0)

@@ -1,43 +1,54 @@
 """Streaming segmentation for scanner pipelines: tiles in as they are scanned, finished mask regions out.
 
 A scanner (or any producer) pushes tiles with their level-0 position in any order; tiles are batched for the
-engine; each tile's class probabilities are accumulated into the regions it overlaps, and a region is handed
-back as soon as every tile that overlaps it is done (or declared skipped, e.g. glass the scanner did not
-image). Overlapping predictions are averaged (uniform blend), so the result does not depend on arrival order.
+engine; the predictions go to the stitcher of the whole-slide pipeline (`fastgicn.slide.stitch.Stitcher`, the
+one stitcher of the code base: ``"blend"`` by default, or ``"crop"``, exactly as `segment_slide` stitches), and
+a region is handed back as soon as no tile still to come can touch it (tiles declared skipped, e.g. glass the
+scanner did not image, count as predicting background). The result does not depend on arrival order.
+
+Regions are bands of whole rows (``lvl_x == 0``, the full width), in order from the top, together covering
+the area exactly once: for a row-by-row scan, a band comes out as each row of tiles is done. Each holds the
+probability of the positive class (`positive_class`, default 1: tumour) as uint8, 255 being p = 1 (the
+pipeline's probability map, bit for bit for the same tile predictions) and the label mask (1 where that
+probability is >= 128, i.e. p >= 0.5: the argmax of two classes). `MaskRegion.probabilities` gives float32
+class probabilities computed from it on demand, for callers of the earlier float API.
 
 Geometry (in pixels of the read level; level-0 = read level x `downsample`): tiles of side T on a grid of
-stride s = T - overlap starting at 0, covering width x height. The plane is cut into regions, one per tile:
-region (c, r) is [c*s, (c+1)*s) x [r*s, (r+1)*s), the last column/row extended to the slide edge. A region is
-overlapped by tiles (c, r) and, when overlap > 0, by (c-1, r), (c, r-1), (c-1, r-1); those are what it waits
-for. Memory: only regions with some but not all of their tiles done are held (about two rows of regions for a
-row-by-row scan), never the slide.
+stride s = T - overlap starting at 0, covering width x height (the pipeline's `tile_grid`). Memory: the
+stitcher's band (two tiles high by the width, 1 or 2 bytes a pixel) plus the tiles that came too far out of
+order, plus one batch of input tiles; never the slide.
+
+`predict` maps a uint8 N x T x T x 3 batch either to uint8 N x T x T (the positive class's probability x 255,
+as the pipeline's device runner returns it: nothing more crosses to the host) or to float N x C x T x T class
+probabilities, which are quantised here like the pipeline does (``round(255 * p)``).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..slide.stitch import MODES, Stitcher
 
 _UNSEEN, _QUEUED, _DONE, _SKIPPED = 0, 1, 2, 3
 
 
 @dataclass
 class MaskRegion:
-    """A finished part of the mask. Coordinates in pixels of the read level (`lvl_*`); `l0_*` at level 0."""
+    """A finished band of the mask. Coordinates in pixels of the read level (`lvl_*`); `l0_*` at level 0."""
 
     lvl_x: int
     lvl_y: int
-    labels: np.ndarray          # h x w uint8 class indices (argmax of the averaged probabilities)
-    probabilities: np.ndarray   # C x h x w float32 averaged class probabilities
-    coverage: np.ndarray        # h x w uint8: how many tiles predicted each pixel (0: only skipped tiles)
+    probability: np.ndarray     # h x w uint8: p(positive class) x 255, rounded (the pipeline's probability map)
+    labels: np.ndarray          # h x w uint8: 1 where probability >= 128 (p >= 0.5), else 0
     downsample: int = 1
-    t_col: int = 0
-    t_row: int = 0
+    num_classes: int = 2
+    positive_class: int = 1
+    _coverage: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -55,9 +66,26 @@ class MaskRegion:
     def l0_y(self) -> int:
         return self.lvl_y * self.downsample
 
+    @property
+    def coverage(self) -> np.ndarray:
+        """h x w uint8: how many predicted (not skipped) tiles the stitcher took each pixel from (computed on
+        demand): for "blend" the tiles covering it, for "crop" 1 where its tile was predicted, 0 where skipped."""
+        return self._coverage()
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """C x h x w float32 class probabilities from the uint8 map (computed on demand, 1/255 steps): the
+        positive class is probability / 255; with two classes the other is 1 minus it, with more the rest is
+        shared equally among them."""
+        p = self.probability.astype(np.float32) / np.float32(255)
+        rest = (1.0 - p) / (self.num_classes - 1)
+        out = np.repeat(rest[None], self.num_classes, axis=0)
+        out[self.positive_class] = p
+        return out
+
 
 class TileStream:
-    """Push tiles as they are scanned; get finished `MaskRegion`s back as soon as their neighbours are done.
+    """Push tiles as they are scanned; get finished `MaskRegion`s (bands of rows) back as soon as they are final.
 
         stream = engine.stream(width=l0_w, height=l0_h, overlap=64)
         for tile, l0_x, l0_y in scanner:
@@ -66,12 +94,13 @@ class TileStream:
         for region in stream.close():   # runs the last partial batch; unseen tiles count as skipped
             writer.write(region)
 
-    `predict` maps a uint8 N x T x T x 3 batch to float32 N x C x T x T class probabilities (`Engine.stream`
-    passes `engine.predict(..., output="probabilities")`).
+    `stitch`: "blend" (default, as `segment_slide`) or "crop". Pushed tiles are copied into the stream's
+    batch buffer, so the producer may reuse its own.
     """
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *, width: int, height: int, tile_size: int,
-                 overlap: int = 0, downsample: int = 1, batch_size: int = 8, num_classes: int = 2):
+                 overlap: int = 0, downsample: int = 1, batch_size: int = 8, num_classes: int = 2,
+                 stitch: str = "blend", positive_class: int = 1):
         for name, value in (("width", width), ("height", height), ("tile_size", tile_size),
                             ("downsample", downsample), ("batch_size", batch_size)):
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -80,20 +109,30 @@ class TileStream:
             raise ConfigError(f"overlap={overlap!r}: use 0..{tile_size // 2} pixels (at most half a tile)")
         if num_classes < 2:
             raise ConfigError(f"num_classes={num_classes!r}: use at least 2")
+        if not 0 <= positive_class < num_classes:
+            raise ConfigError(f"positive_class={positive_class!r}: use 0..{num_classes - 1}")
+        if stitch not in MODES:
+            raise ConfigError(f"stitch={stitch!r}: use one of {MODES}")
         self.predict = predict
         self.tile_size, self.overlap, self.downsample = int(tile_size), int(overlap), int(downsample)
         self.stride = self.tile_size - self.overlap
         self.batch_size, self.num_classes = int(batch_size), int(num_classes)
+        self.positive_class, self.stitch = int(positive_class), stitch
         self.lvl_width = math.ceil(width / downsample)
         self.lvl_height = math.ceil(height / downsample)
         self.n_cols = self._count(self.lvl_width)
         self.n_rows = self._count(self.lvl_height)
         self._state = np.zeros((self.n_rows, self.n_cols), dtype=np.uint8)
-        self._emitted = np.zeros((self.n_rows, self.n_cols), dtype=bool)
-        self._pending: list[tuple[np.ndarray, int, int]] = []
-        self._buffers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        rows, cols = np.meshgrid(np.arange(self.n_rows), np.arange(self.n_cols), indexing="ij")
+        self._lvl_xy = np.stack([cols.ravel(), rows.ravel()], axis=1).astype(np.int64) * self.stride
+        self._regions: list[MaskRegion] = []
+        self._stitcher = Stitcher(self._lvl_xy, self.lvl_width, self.lvl_height, self.tile_size, self._sink,
+                                  mode=stitch)
+        t = self.tile_size
+        self._batch = np.empty((self.batch_size, t, t, 3), np.uint8)
+        self._batch_index = np.empty(self.batch_size, np.int64)
+        self._n_pending = 0
         self._closed = False
-        self.max_buffered_regions = 0
         self.seconds = {"predict": 0.0, "stitch": 0.0}
         self.tiles_predicted = 0
 
@@ -110,28 +149,7 @@ class TileStream:
 
     def tile_positions(self) -> np.ndarray:
         """(N, 2) level-0 (l0_x, l0_y) of every grid tile, row-major: where the producer should read tiles."""
-        rows, cols = np.meshgrid(np.arange(self.n_rows), np.arange(self.n_cols), indexing="ij")
-        step = self.stride * self.downsample
-        return np.stack([cols.ravel() * step, rows.ravel() * step], axis=1)
-
-    def _region_bounds(self, c: int, r: int) -> tuple[int, int, int, int]:
-        x0, y0 = c * self.stride, r * self.stride
-        x1 = (c + 1) * self.stride if c < self.n_cols - 1 else self.lvl_width
-        y1 = (r + 1) * self.stride if r < self.n_rows - 1 else self.lvl_height
-        return x0, y0, x1, y1
-
-    def _deps(self, c: int, r: int):
-        back = 1 if self.overlap else 0
-        for rr in range(max(0, r - back), r + 1):
-            for cc in range(max(0, c - back), c + 1):
-                yield cc, rr
-
-    def _touched(self, c: int, r: int):
-        """Regions tile (c, r) overlaps: its own and, with overlap, right / below / diagonal."""
-        fwd = 1 if self.overlap else 0
-        for rr in range(r, min(self.n_rows, r + fwd + 1)):
-            for cc in range(c, min(self.n_cols, c + fwd + 1)):
-                yield cc, rr
+        return self._lvl_xy * self.downsample
 
     def _index(self, l0_x: int, l0_y: int) -> tuple[int, int]:
         step = self.stride * self.downsample
@@ -158,8 +176,10 @@ class TileStream:
         if self._state[r, c] != _UNSEEN:
             raise ConfigError(f"tile at level-0 ({l0_x}, {l0_y}) was already pushed or skipped")
         self._state[r, c] = _QUEUED
-        self._pending.append((tile, c, r))
-        if len(self._pending) >= self.batch_size:
+        self._batch[self._n_pending] = tile
+        self._batch_index[self._n_pending] = r * self.n_cols + c
+        self._n_pending += 1
+        if self._n_pending >= self.batch_size:
             return self._run_batch()
         return []
 
@@ -170,21 +190,27 @@ class TileStream:
         if self._state[r, c] != _UNSEEN:
             raise ConfigError(f"tile at level-0 ({l0_x}, {l0_y}) was already pushed or skipped")
         self._state[r, c] = _SKIPPED
-        return self._collect(self._touched(c, r))
+        t0 = time.perf_counter()
+        self._stitcher.skip(r * self.n_cols + c)
+        self.seconds["stitch"] += time.perf_counter() - t0
+        return self._take()
 
     def flush(self) -> list[MaskRegion]:
         """Run the queued partial batch now (lower latency, smaller batch)."""
         self._check_open()
-        return self._run_batch() if self._pending else []
+        return self._run_batch() if self._n_pending else []
 
     def close(self) -> list[MaskRegion]:
         """Flush, count every tile never pushed as skipped, and return all remaining regions."""
-        regions = self.flush() if not self._closed else []
-        self._state[self._state == _UNSEEN] = _SKIPPED
-        rows, cols = np.nonzero(~self._emitted)
-        regions += self._collect(zip(cols.tolist(), rows.tolist()))
+        if self._closed:
+            return []
+        regions = self.flush()
+        unseen = np.flatnonzero(self._state.ravel() == _UNSEEN)
+        self._state.ravel()[unseen] = _SKIPPED
+        self._stitcher.skip_batch(unseen)
+        self._stitcher.close()
         self._closed = True
-        return regions
+        return regions + self._take()
 
     def __enter__(self) -> "TileStream":
         return self
@@ -194,73 +220,80 @@ class TileStream:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._n_pending
 
     @property
     def done(self) -> bool:
-        return bool(self._emitted.all())
+        """Every row of the area has been handed back."""
+        return self._stitcher.flushed >= self.lvl_height
+
+    @property
+    def band_bytes(self) -> int:
+        """Bytes of the stitcher's band (fixed: two tiles high by the width)."""
+        return self._stitcher.band_bytes
+
+    @property
+    def peak_deferred_tiles(self) -> int:
+        """Most tiles held aside at once because they came too far ahead of the band (0 for a row scan)."""
+        return self._stitcher.peak_deferred
+
+    # the name fastgicn.bench reports: what the stream held beyond its fixed band
+    max_buffered_regions = peak_deferred_tiles
 
     def _check_open(self) -> None:
         if self._closed:
             raise ConfigError("this TileStream is closed: start a new one (engine.stream(...)) for another area")
 
     # -- work -----------------------------------------------------------------------------------------------
+    def _to_uint8(self, probs, n: int) -> np.ndarray:
+        probs = np.asarray(probs)
+        t = self.tile_size
+        if probs.dtype == np.uint8 and probs.shape == (n, t, t):
+            return probs
+        expected = (n, self.num_classes, t, t)
+        if probs.shape != expected or not np.issubdtype(probs.dtype, np.floating):
+            raise ConfigError(f"predict returned {probs.dtype} shape {probs.shape}, expected uint8 {(n, t, t)} or "
+                              f"float {expected} (predict returned shape is wrong)")
+        p = probs[:, self.positive_class].astype(np.float32, copy=False) * np.float32(255)
+        return np.rint(p, out=p).astype(np.uint8)
+
     def _run_batch(self) -> list[MaskRegion]:
-        batch, self._pending = self._pending, []
+        n, self._n_pending = self._n_pending, 0
         t0 = time.perf_counter()
-        probs = np.asarray(self.predict(np.stack([tile for tile, _, _ in batch])))
+        probs = self._to_uint8(self.predict(self._batch[:n]), n)
         t1 = time.perf_counter()
         self.seconds["predict"] += t1 - t0
-        expected = (len(batch), self.num_classes, self.tile_size, self.tile_size)
-        if probs.shape != expected:
-            raise ConfigError(f"predict returned shape {probs.shape}, expected {expected}")
-        touched = []
-        for (_, c, r), p in zip(batch, probs):
-            self._accumulate(c, r, p)
-            self._state[r, c] = _DONE
-            touched.extend(self._touched(c, r))
-        self.tiles_predicted += len(batch)
-        regions = self._collect(touched)
+        idx = self._batch_index[:n].copy()
+        self._state.ravel()[idx] = _DONE  # before stitching: the sink reads it for coverage
+        self._stitcher.add_batch(idx, probs)
+        self.tiles_predicted += n
         self.seconds["stitch"] += time.perf_counter() - t1
-        return regions
+        return self._take()
 
-    def _accumulate(self, c: int, r: int, p: np.ndarray) -> None:
-        tx0, ty0 = c * self.stride, r * self.stride
-        for cc, rr in self._touched(c, r):
-            x0, y0, x1, y1 = self._region_bounds(cc, rr)
-            ix0, iy0 = max(x0, tx0), max(y0, ty0)
-            ix1, iy1 = min(x1, tx0 + self.tile_size), min(y1, ty0 + self.tile_size)
-            if ix0 >= ix1 or iy0 >= iy1:
-                continue
-            buf = self._buffers.get((cc, rr))
-            if buf is None:
-                buf = (np.zeros((self.num_classes, y1 - y0, x1 - x0), dtype=np.float32),
-                       np.zeros((y1 - y0, x1 - x0), dtype=np.uint8))
-                self._buffers[(cc, rr)] = buf
-                self.max_buffered_regions = max(self.max_buffered_regions, len(self._buffers))
-            total, count = buf
-            total[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] += p[:, iy0 - ty0:iy1 - ty0, ix0 - tx0:ix1 - tx0]
-            count[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] += 1
-
-    def _collect(self, candidates) -> list[MaskRegion]:
-        out = []
-        for c, r in sorted(set(candidates), key=lambda cr: (cr[1], cr[0])):
-            if self._emitted[r, c]:
-                continue
-            if all(self._state[rr, cc] in (_DONE, _SKIPPED) for cc, rr in self._deps(c, r)):
-                out.append(self._emit(c, r))
+    def _take(self) -> list[MaskRegion]:
+        out, self._regions = self._regions, []
         return out
 
-    def _emit(self, c: int, r: int) -> MaskRegion:
-        x0, y0, x1, y1 = self._region_bounds(c, r)
-        buf = self._buffers.pop((c, r), None)
-        if buf is None:  # only skipped tiles here: background
-            count = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
-            probs = np.zeros((self.num_classes, y1 - y0, x1 - x0), dtype=np.float32)
-        else:
-            total, count = buf
-            probs = total / np.maximum(count, 1)[None]
-        probs[0][count == 0] = 1.0  # nothing predicted it: background with certainty
-        self._emitted[r, c] = True
-        return MaskRegion(lvl_x=x0, lvl_y=y0, labels=probs.argmax(axis=0).astype(np.uint8), probabilities=probs,
-                          coverage=count, downsample=self.downsample, t_col=c, t_row=r)
+    def _sink(self, y0: int, rows: np.ndarray) -> None:
+        labels = (rows >= 128).view(np.uint8)
+        self._regions.append(MaskRegion(lvl_x=0, lvl_y=int(y0), probability=rows, labels=labels,
+                                        downsample=self.downsample, num_classes=self.num_classes,
+                                        positive_class=self.positive_class,
+                                        _coverage=self._coverage_of(int(y0), len(rows))))
+
+    def _coverage_of(self, y0: int, h: int) -> Callable[[], np.ndarray]:
+        """Coverage of rows y0 .. y0 + h. Every tile whose stitched area touches them is final once they are
+        flushed, so the boxes of the predicted ones are taken now and painted only if asked for."""
+        st = self._stitcher
+        hit = ((st.rows[:, 0] < y0 + h) & (st.rows[:, 1] > y0) & (st.cols[:, 1] > st.cols[:, 0])
+               & (self._state.ravel() == _DONE))
+        boxes = np.concatenate([st.rows[hit], st.cols[hit]], axis=1).tolist()
+        w = self.lvl_width
+
+        def coverage() -> np.ndarray:
+            out = np.zeros((h, w), np.uint8)
+            for r0, r1, c0, c1 in boxes:
+                out[max(r0, y0) - y0:min(r1, y0 + h) - y0, c0:c1] += 1
+            return out
+
+        return coverage
