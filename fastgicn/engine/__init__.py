@@ -16,6 +16,7 @@ _EXPORTS = {
     "create_backend": ".engine",
     "PRECISIONS": ".base", "TOLERANCE": ".base", "Backend": ".base", "relative_error": ".base",
     "model_fingerprint": ".base",
+    "DeviceRunner": ".runner", "tumour_probability_u8": ".runner",
     "TileStream": ".streaming", "MaskRegion": ".streaming",
     "export_onnx": ".export", "export_tensorrt": ".export", "export_checkpoint": ".export",
     "check_onnx_graph": ".export",

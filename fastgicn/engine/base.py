@@ -6,7 +6,10 @@ A backend is built from a reference model (`fastgicn.models`, fp32, eval mode) a
 
 where `x` is a batch already on `backend.device`: uint8 N x H x W x 3 pixels (normalisation happens inside the
 backend, on the device, so compiled backends can fuse it) or float N x 3 x H x W in 0..1. Backends never
-chunk: the Engine hands them at most `batch_size` tiles.
+chunk: the Engine hands them at most `batch_size` tiles. Each backend holds a `Normalize` (`self.norm`): its
+mean/std constants are put on the device once, never rebuilt from host memory per forward. A backend runs on
+torch's current CUDA stream (or exposes `compute_stream`, which the device runner then uses) and never
+synchronises the host; `fastgicn.engine.runner.DeviceRunner` is the loop that drives one over a slide.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from ..errors import BackendUnavailable, ConfigError
 from ..models.network import OUTPUT_STRIDE
+from ..models.preprocess import Normalize
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative L2 error ||out - ref|| / ||ref|| of the logits allowed against the fp32 torch reference on the same
@@ -150,6 +154,7 @@ class Backend:
         self.mean = tuple(float(v) for v in model.mean)
         self.std = tuple(float(v) for v in model.std)
         self.num_classes = int(model.head.out_channels)
+        self.norm = Normalize(self.mean, self.std)  # constants on the device, made once (not per forward)
         self.notes: list[str] = []
 
     @property

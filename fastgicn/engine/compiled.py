@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, ConfigError, EngineBuildError
-from ..models.preprocess import to_model_input
+from ..models.preprocess import _normalise
 from .base import Backend, reference_copy
 
 # Inductor options on a GPU: "max-autotune-no-cudagraphs" (we capture our own graphs, per batch size) + freezing.
@@ -88,6 +88,7 @@ class CompiledBackend(Backend):
             self.notes.append("Triton kernels not used" + ("" if on_gpu else " (they need CUDA)"))
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(self.device, self.dtype, memory_format=memory_format).eval()
+        self._norm_constants = self.norm.constants(self.dtype, self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         if channels_last:
@@ -120,11 +121,15 @@ class CompiledBackend(Backend):
         if cuda_graphs:
             self.notes.append(f"CUDA graphs for batch {', '.join(map(str, self.graph_batch_sizes))}")
             self._pool = None
-        self._graphs: dict[tuple, tuple] = {}  # (B, H, W, input dtype) -> (graph, static in, static out)
+        # (B, H, W, input dtype) -> (graph, static in, static out, what the graph reads from caches)
+        self._graphs: dict[tuple, tuple] = {}
         self.build_seconds: dict[tuple, float] = {}
 
     def _eager_step(self, x: torch.Tensor) -> torch.Tensor:
-        inp = to_model_input(x, self.mean, self.std, self.dtype)
+        # the constants are the backend's own device tensors (made in __init__): nothing is copied from host
+        # memory inside a forward, so the step compiles to one fused kernel and captures in a CUDA graph
+        mean_t, std_t = self._norm_constants
+        inp = _normalise(x, mean_t, std_t, self.dtype)
         if self.channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last)
         return self.model(inp)
@@ -187,10 +192,34 @@ class CompiledBackend(Backend):
             raise EngineBuildError(f"compiled backend: CUDA graph capture failed for batch {x.shape[0]} "
                                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); use "
                                    "cuda_graphs=False") from exc
-        entry = (graph, static_in, static_out)
+        # the graph replays raw device pointers: everything it reads must outlive it. The static buffers and
+        # the normalisation constants are ours; the Triton kernels' packed weights and per-shape geometry live
+        # in caches that evict (kernels/gpp.py clears its geometry cache after 64 shapes), so hold them here.
+        entry = (graph, static_in, static_out, (self._norm_constants, self._kernel_state()))
         self._graphs[key] = entry
         self.build_seconds[key] = time.perf_counter() - t0
         return entry
+
+    def _kernel_state(self) -> list:
+        """Strong references to what the Triton kernels read from their caches for this model: packed weights
+        (per module) and the GPP geometry tables (per shape)."""
+        if not self.triton_used:
+            return []
+        import importlib
+
+        held = []
+        for name in ("fastgicn.kernels.gicn", "fastgicn.kernels.gpp"):
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+            cache = getattr(mod, "_PACK_CACHE", None)
+            if cache is not None:
+                held.extend(e for e in (cache.get(m) for m in self.model.modules()) if e is not None)
+            geometry = getattr(mod, "_GEOMETRY", None)
+            if geometry:
+                held.append(dict(geometry))  # a copy: the tensors stay alive whatever the cache evicts
+        return held
 
     @staticmethod
     def _hw(x: torch.Tensor) -> tuple[int, int]:
@@ -208,7 +237,7 @@ class CompiledBackend(Backend):
             pad = x.new_empty((b - n,) + tuple(x.shape[1:]))
             pad.copy_(x[:1].expand_as(pad))
             x = torch.cat([x, pad])
-        graph, static_in, static_out = self._graph_for(x)
+        graph, static_in, static_out, _held = self._graph_for(x)
         static_in.copy_(x, non_blocking=True)
         graph.replay()
         # the static output is overwritten by the next replay: hand out a copy (2 channels, ~1 MB per fp16 tile)

@@ -5,8 +5,10 @@ Two layers:
   labels / probabilities out; needs only numpy, onnxruntime and a `.onnx` file written by `fastgicn export`
   (normalisation statistics are read from its metadata). Importing this module does not import torch.
 - `OnnxRuntimeBackend`: the engine backend (the shared interface, torch tensors in and out); it exports the
-  model once per tile size and, on the CUDA provider, binds torch's device buffers with IO binding so no
-  tile makes a round trip through host memory.
+  model once per tile size and, on the CUDA provider, binds torch's device buffers with one IO binding per
+  session (rebound per batch) so no tile makes a round trip through host memory. ORT runs on a torch stream
+  of the backend's (`compute_stream`, passed as `user_compute_stream`) with the end-of-run synchronisation
+  off (`disable_synchronize_execution_providers`): no host sync per batch, ordered by stream events.
 
 Precisions: fp32; fp16 (a 16-bit graph with float32 I/O: fast on the CUDA provider; on CPU it runs, slower than
 fp32, and is there to validate the graph TensorRT 11 consumes). bf16 is refused: ONNX Conv has no bfloat16 before
@@ -148,13 +150,34 @@ class OnnxRuntimeBackend:
                                          f"{', '.join(available)}); pip install onnxruntime-gpu in place of "
                                          "onnxruntime, or use device='cpu'")
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.providers = providers or [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            self.device = torch.device("cuda", index)
+            # ORT's CUDA kernels run on a torch stream of ours (not the legacy default stream): the device
+            # runner computes on it too, and a caller on another stream is ordered against it by events
+            self._own_stream = providers is None
+            self.compute_stream = torch.cuda.Stream(self.device) if self._own_stream else None
+            self._run_options = ort.RunOptions()
+            if self._own_stream:
+                cuda_options = {"device_id": index, "has_user_compute_stream": "1",
+                                "user_compute_stream": str(self.compute_stream.cuda_stream)}
+                self.providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+                # no stream synchronisation at the end of a run: the outputs are ordered by stream events
+                self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            else:  # the caller's providers: ORT picks its stream, so the old host synchronisation stays
+                self.providers = providers
         else:
+            self.compute_stream = None
+            self._own_stream = False
+            self._run_options = None
             self.providers = providers or ["CPUExecutionProvider"]
         ref = reference_copy(model).cpu()
         self.mean = tuple(float(v) for v in ref.mean)
         self.std = tuple(float(v) for v in ref.std)
         self.num_classes = int(ref.head.out_channels)
+        from ..models.preprocess import Normalize
+
+        self.norm = Normalize(self.mean, self.std)  # constants on the device once; one table pass on CPU
+        self._scratch = None
+        self._bindings: dict[tuple[int, int], object] = {}  # one IO binding per session, rebound per batch
         self._model = ref
         self.threads = threads
         self.opset = opset or DEFAULT_OPSET
@@ -163,7 +186,8 @@ class OnnxRuntimeBackend:
         self.notes = [f"ONNX opset {self.opset}, standard ops only", f"providers {', '.join(provider_names)}",
                       f"onnxruntime {ort.__version__}"]
         if self.device.type == "cuda":
-            self.notes.append("IO binding on torch CUDA buffers")
+            self.notes.append("IO binding on torch CUDA buffers, on a torch stream (user_compute_stream), no "
+                              "synchronisation per run")
         elif precision == "fp16":
             self.notes.append("fp16 graph on CPU: for validating the 16-bit graph, slower than fp32")
 
@@ -186,26 +210,52 @@ class OnnxRuntimeBackend:
     def prepare(self, size: tuple[int, int]) -> None:
         self.session(size)
 
-    def forward(self, x):
+    def preprocess(self, x):
+        """uint8 NHWC (or float NCHW in 0..1) on the device -> the normalised float32 graph input."""
         import torch
 
-        from ..models.preprocess import to_model_input
+        if self.device.type != "cuda" and x.dtype == torch.uint8:
+            self._scratch = self.norm(x, torch.float32, out=self._scratch)  # reused: ORT copies nothing back
+            return self._scratch
+        return self.norm(x, torch.float32).contiguous()
 
-        h, w = (x.shape[1], x.shape[2]) if x.dtype == torch.uint8 else (x.shape[2], x.shape[3])
-        seg = self.session((int(h), int(w)))
-        with torch.inference_mode():
-            inp = to_model_input(x, self.mean, self.std, torch.float32).contiguous()
+    def infer(self, inp):
+        """Logits for a normalised input (see `preprocess`)."""
+        import torch
+
+        h, w = int(inp.shape[2]), int(inp.shape[3])
+        seg = self.session((h, w))
         if self.device.type != "cuda":
             out = seg.session.run([seg.output_name], {seg.input_name: inp.numpy()})[0]
             return torch.from_numpy(out)
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        inp = inp.contiguous()
+        index = self.device.index
         out = torch.empty((inp.shape[0], self.num_classes, h, w), dtype=torch.float32, device=self.device)
-        binding = seg.session.io_binding()
+        binding = self._bindings.get((h, w))
+        if binding is None:
+            binding = self._bindings[(h, w)] = seg.session.io_binding()
         binding.bind_input(seg.input_name, "cuda", index, np.float32, tuple(inp.shape), inp.data_ptr())
         binding.bind_output(seg.output_name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
-        torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream: the input must be ready
-        seg.session.run_with_iobinding(binding)
+        caller = torch.cuda.current_stream(self.device)
+        if not self._own_stream:  # ORT on a stream of its choosing: the input must be ready on the host's word
+            caller.synchronize()
+            seg.session.run_with_iobinding(binding, self._run_options)
+            return out
+        stream = self.compute_stream
+        if caller != stream:  # order ORT's stream after the caller's work, and the caller after ORT's
+            stream.wait_stream(caller)
+            inp.record_stream(stream)
+            out.record_stream(stream)
+        seg.session.run_with_iobinding(binding, self._run_options)
+        if caller != stream:
+            caller.wait_stream(stream)
         return out
+
+    def forward(self, x):
+        import torch
+
+        with torch.inference_mode():
+            return self.infer(self.preprocess(x))
 
     def __repr__(self) -> str:
         return f"<OnnxRuntimeBackend {self.description}>"

@@ -15,9 +15,11 @@ Build (`build_engine`): builder -> network from the ONNX parser -> builder confi
   GPU name and compute capability (`engine_cache_key`), so a second run deserialises in about a second instead of
   rebuilding for minutes.
 
-Run (`TensorRTBackend.forward`): the normalised input is a torch CUDA tensor; `set_input_shape`,
-`set_tensor_address` for input and a torch-allocated output, then `execute_async_v3` on torch's current stream:
-no copies, no synchronisation, the same stream ordering as the torch code around it.
+Run (`TensorRTBackend.forward`): the normalised input is a torch CUDA tensor (normalisation constants on the
+device, made once: `Normalize`); `set_input_shape`, `set_tensor_address` for input and a torch-allocated
+output, then `execute_async_v3(stream_handle)` on torch's current stream (the device runner's compute stream,
+never the legacy default one when the runner drives it): no copies, no synchronisation, the same stream
+ordering as the torch code around it.
 
 NOT EXECUTED ON THE MACHINES THIS WAS WRITTEN ON: TensorRT cannot be installed there and no GPU was lent. The
 pure-Python parts (cache key, error messages) are tested everywhere; the build/run path is tested by
@@ -234,6 +236,9 @@ class TensorRTBackend:
         self.mean = tuple(float(v) for v in self._model.mean)
         self.std = tuple(float(v) for v in self._model.std)
         self.num_classes = int(self._model.head.out_channels)
+        from ..models.preprocess import Normalize
+
+        self.norm = Normalize(self.mean, self.std)  # constants on the device once, not per forward
         self.cache_dir = cache_dir
         self.workspace_gib = workspace_gib
         self._trt = trt
@@ -288,7 +293,6 @@ class TensorRTBackend:
 
     def forward(self, x):
         torch = self._torch
-        from ..models.preprocess import to_model_input
 
         h, w = (x.shape[1], x.shape[2]) if x.dtype == torch.uint8 else (x.shape[2], x.shape[3])
         n = x.shape[0]
@@ -297,7 +301,7 @@ class TensorRTBackend:
                               f"{self.max_batch_size}")
         engine, context, in_name, out_name, in_dtype, out_dtype = self._engine((int(h), int(w)))
         with torch.inference_mode():
-            inp = to_model_input(x, self.mean, self.std, in_dtype).contiguous()
+            inp = self.norm(x, in_dtype).contiguous()
         if not context.set_input_shape(in_name, tuple(inp.shape)):
             raise EngineBuildError(f"TensorRT refused input shape {tuple(inp.shape)} for {in_name}")
         out = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=out_dtype, device=self.device)
