@@ -32,10 +32,14 @@ outputs, in OUTDIR, per slide (NAME: the slide's file name without its extension
   NAME.overlay.png             thumbnail with the tumour drawn over it
   NAME.report.json             areas, tile counts, seconds per stage, model, config, Dice; written last
 
-A slide whose report is complete for the same model, config and slide file is skipped (--force redoes
-it). Ctrl-C or SIGTERM removes the slide's partial files and keeps finished slides: run the same command
-to resume. Exit status: 0 every slide done or skipped, 1 a slide failed, 2 an error in the arguments or
-setup (one line on stderr), 130 Ctrl-C, 143 SIGTERM.
+A slide whose report is complete for the same model, config and slide content is skipped (--force redoes
+it); a different slide with the same file name is refused rather than written over the first one's
+results (--force replaces them). A slide with no tissue gets empty outputs, a warning line and
+tissue.found = false in its report. Failed slides are listed in OUTDIR/fastgicn_failures.tsv: retry them
+with --slides-from OUTDIR/fastgicn_failures.tsv. Ctrl-C or SIGTERM removes the slide's partial files and
+keeps finished slides: run the same command to resume. Exit status: 0 every slide done (with or without
+tissue) or skipped, 1 a slide failed, 2 an error in the arguments or setup (one line on stderr), 130
+Ctrl-C, 143 SIGTERM.
 """
 
 
@@ -119,6 +123,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def read_slide_list(path: Path) -> list[Path]:
+    """Slide paths from a list file: the first tab-separated column of each line; blank and '#' lines skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--slides-from {path}: cannot be read ({exc.strerror or exc}); check the path") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--slides-from {path}: not a UTF-8 text file; give a list of slide paths, one per "
+                          "line") from None
+    slides = [Path(line.split("\t", 1)[0]) for line in lines if line.strip() and not line.startswith("#")]
+    if not slides:
+        raise ConfigError(f"--slides-from {path}: lists no slide; give one slide path per line")
+    return slides
+
+
 def cmd_segment(args) -> int:
     import os
 
@@ -128,6 +147,8 @@ def cmd_segment(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     slides, truths = list(args.slides), args.truth
+    if args.slides_from is not None:
+        slides += read_slide_list(args.slides_from)
     if truths is not None and len(truths) != max(1, len(slides)):
         raise ConfigError(f"{len(truths)} --truth masks for {len(slides)} slides: give one mask per slide")
     threads = args.torch_threads
@@ -231,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slides", nargs="*", type=Path, metavar="SLIDE",
                    help="whole-slide images (SVS, NDPI, MRXS, tiled TIFF ... anything OpenSlide reads; plain "
                         "TIFF/PNG/JPEG too); none: the synthetic demo slide")
+    p.add_argument("--slides-from", type=Path, default=None, metavar="FILE",
+                   help="also segment the slides listed in FILE, one path per line (the first tab-separated "
+                        "column; '#' lines ignored): e.g. OUTDIR/fastgicn_failures.tsv to retry a run's failures")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR",
                    help="output directory (created); outputs are named after each slide, see below")
     p.add_argument("--weights", type=Path, default=None, metavar="CKPT",

@@ -722,6 +722,8 @@ def _reduce(rgb: np.ndarray, mask: np.ndarray, d: int):
 # ---------------------------------------------------------------------------------------------------------
 # Writing slides
 
+from .naming import mask_path_for  # noqa: E402,F401 (the one rule; re-exported for callers)
+
 SLIDE_SUFFIXES = {".svs": "aperio", ".tif": "tiff", ".tiff": "tiff"}
 SLIDE_FORMATS = ("aperio", "tiff")
 # "aperio": as an Aperio 40x scanner lays out an SVS (level 0, a stripped thumbnail, tiled levels at
@@ -787,12 +789,6 @@ def synthetic_macro(overview: np.ndarray, label: np.ndarray) -> np.ndarray:
     macro[pad:pad + lh, pad:pad + lw] = small
     macro[pad:pad + h, lw + 3 * pad:lw + 3 * pad + w] = overview
     return macro
-
-
-def mask_path_for(slide_path) -> Path:
-    """Where the ground-truth mask of a slide lives: OUT.svs -> OUT.mask.tif beside it."""
-    slide_path = Path(slide_path)
-    return slide_path.with_name(slide_path.stem + ".mask.tif")
 
 
 MIN_SIDE = 64  # smaller than a tissue island: the slide would be all glass

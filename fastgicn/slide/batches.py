@@ -28,7 +28,7 @@ import torch
 
 from ..config import PAPER_WHITE_THRESHOLD
 from ..errors import ConfigError
-from .grid import keep_tile
+from .grid import keep_tile, real_pixels
 from .resolution import Resolution
 
 _FREE, _FILLING, _READY, _IN_USE = range(4)
@@ -102,6 +102,14 @@ class BatchRing:
         self.tile_size, self.batch_size, self.n_threads, self.n_slots = int(tile_size), int(batch_size), \
             int(threads), int(ring)
         self.min_tissue_fraction, self.white_threshold = float(min_tissue_fraction), int(white_threshold)
+        # pixels of each tile on the slide: an edge tile's tissue fraction is counted over these, not its padding
+        # (a source without pyramid geometry, such as a test double, counts whole tiles)
+        res = self.level if isinstance(self.level, Resolution) else None
+        if res is None and hasattr(slide, "level_dimensions"):
+            res = Resolution(self.level, 1.0, float(slide.level_downsamples[self.level]),
+                             tuple(slide.level_dimensions[self.level]))
+        self._real = (real_pixels(tiles, res.dimensions, res.downsample, self.tile_size) if res is not None
+                      else np.full(len(tiles), self.tile_size ** 2, np.int64))
         self.pinned = bool(torch.cuda.is_available()) if pin is None else bool(pin)
         shape = (self.n_slots, self.batch_size, self.tile_size, self.tile_size, 3)
         if self.pinned:
@@ -206,7 +214,8 @@ class BatchRing:
                         background = self.slide.read_into(buf[n], x, y, self.level, thr)
                         t_read += time.perf_counter() - t0
                         read += 1
-                        if keep_tile(background, n_pixels, self.min_tissue_fraction):
+                        real = int(self._real[i])
+                        if keep_tile(background - (n_pixels - real), real, self.min_tissue_fraction):
                             self._indices[slot, n] = i
                             self._background[slot, n] = background
                             n += 1

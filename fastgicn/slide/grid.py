@@ -33,7 +33,7 @@ from .reader import Slide
 from .resolution import Resolution, stored
 from .tissue import TissueMask, tissue_mask
 
-__all__ = ["tile_grid", "grid_shape", "read_level_for", "read_resolution_for", "keep_tile", "tiles_touching_mask",
+__all__ = ["tile_grid", "grid_shape", "read_level_for", "read_resolution_for", "keep_tile", "real_pixels", "tiles_touching_mask",
            "tile_background", "tissue_tiles"]
 
 
@@ -98,12 +98,23 @@ def keep_tile(background: int | np.ndarray, n_pixels: int, min_tissue_fraction: 
     """Whether a tile with `background` of its `n_pixels` pixels background holds enough tissue.
 
     `min_tissue_fraction == 0`: kept iff at least one pixel is not background (the paper's rule).
-    Otherwise kept iff (n_pixels - background) / n_pixels >= min_tissue_fraction. Works elementwise."""
+    Otherwise kept iff (n_pixels - background) / n_pixels >= min_tissue_fraction. Works elementwise; for an
+    edge tile `n_pixels` and `background` count only the pixels on the slide (`real_pixels`)."""
     background = np.asarray(background)
     tissue = n_pixels - background
     if min_tissue_fraction == 0:
         return tissue > 0
     return tissue >= min_tissue_fraction * n_pixels
+
+
+def real_pixels(grid: np.ndarray, extent: tuple[int, int], downsample: float, tile_size: int) -> np.ndarray:
+    """(N,) pixels of each tile that lie on the slide (the rest is white padding), at the read resolution of
+    `extent` (width, height) and `downsample`: the tissue fraction of an edge tile is counted over these."""
+    lvl_x = np.floor(grid[:, 0] / downsample + 0.5).astype(np.int64)
+    lvl_y = np.floor(grid[:, 1] / downsample + 0.5).astype(np.int64)
+    w = np.clip(extent[0] - lvl_x, 0, tile_size)
+    h = np.clip(extent[1] - lvl_y, 0, tile_size)
+    return w * h
 
 
 def tiles_touching_mask(grid: np.ndarray, mask: TissueMask, margin: int = 1) -> np.ndarray:
@@ -168,4 +179,5 @@ def tissue_tiles(slide: Slide, config: TileConfig, *, mask: TissueMask | None = 
     if not read:
         return grid
     background = tile_background(slide, grid, level, config.tile_size, config.white_threshold, workers)
-    return grid[keep_tile(background, config.tile_size ** 2, config.min_tissue_fraction)]
+    real = real_pixels(grid, level.dimensions, level.downsample, config.tile_size)
+    return grid[keep_tile(background - (config.tile_size ** 2 - real), real, config.min_tissue_fraction)]

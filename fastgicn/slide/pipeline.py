@@ -7,9 +7,12 @@
 2. tissue mask at low resolution and candidate tiles (`tissue_tiles(..., read=False)`: the grid, prefiltered by
    the mask when `config.tissue_prefilter`);
 3. reader threads fill a bounded ring of batches (`BatchRing`), rejecting glass tiles as they read them;
-4. each batch goes to the device (pinned memory and a separate copy stream with CUDA), is normalised there
-   (`to_model_input`), runs through the model, and the tumour probability (softmax, class 1) comes back as uint8;
-5. the stitcher crops or blends the overlaps and hands over finished rows, which stream into the pyramidal
+4. the device runner (`fastgicn.engine.runner.DeviceRunner`, the one device loop; a plain module is served as
+   the torch backend) takes each batch: with CUDA, H2D on a copy stream, normalisation + forward + tumour
+   probability + uint8 on a compute stream, D2H into a pinned ring, two batches in flight and only event
+   waits; on CPU one table pass of normalisation into a reused buffer, the forward and a fused quantisation;
+5. on a stitch thread (a bounded queue from the main thread, so the runner goes straight back to the device),
+   the stitcher crops or blends the overlaps and hands over finished rows, which stream into the pyramidal
    TIFFs (probability, and the label mask: 255 where p(tumour) >= 0.5, the argmax of two classes), a reduced
    copy for polygons and the overlay, the tumour pixel count and the Dice against `truth`;
 6. GeoJSON polygons, the overlay PNG and the JSON report (written last: it marks the outputs complete).
@@ -36,38 +39,16 @@ import torch
 
 from ..config import TileConfig
 from ..engine.base import resolve_device
+from ..engine.runner import TUMOUR_CLASS, DeviceRunner  # noqa: F401 (TUMOUR_CLASS: re-exported)
 from ..errors import ConfigError, FastGicnError
 from .batches import BatchRing
 from .outputs import LowRes, PyramidBandWriter, lowres_factor, remove_partials, write_json, write_overlay_png
 from .polygons import (DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area, tumour_geojson,
                        write_geojson)
 from .stitch import Stitcher
+from ..naming import FAILURES_NAME, OUTPUT_SUFFIXES, output_paths, slide_identity, slide_stem  # noqa: F401
 
 REPORT_FORMAT = "fastgicn-segment-report-1"
-OUTPUT_SUFFIXES = {
-    "probability": ".tumour_probability.tif",
-    "mask": ".tumour_mask.tif",
-    "geojson": ".tumour.geojson",
-    "overlay": ".overlay.png",
-    "report": ".report.json",
-}
-TUMOUR_CLASS = 1  # index of the tumour class in the model's logits
-
-
-def output_paths(out_dir, stem: str) -> dict[str, Path]:
-    """Where the outputs of a slide named `stem` go (the report last, as the mark of completion)."""
-    out_dir = Path(out_dir)
-    return {k: out_dir / f"{stem}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items()}
-
-
-def slide_stem(slide) -> str:
-    """Output names come from the slide file's name without its extension ("array" for pixels, the
-    slide's `name` for an open slide)."""
-    if isinstance(slide, np.ndarray):
-        return "array"
-    if not isinstance(slide, (str, bytes, os.PathLike)):
-        return Path(str(getattr(slide, "name", "slide"))).name.rsplit(".", 1)[0].replace(" ", "_")
-    return Path(slide).name.rsplit(".", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,73 +159,76 @@ def model_fingerprint(model) -> str:
     return module_fingerprint(module)
 
 
-class _Runner:
-    """uint8 NHWC batch (host) -> uint8 tumour probability N x H x W (host), with timings.
+class _StitchThread:
+    """Stitching and output streaming on their own thread, fed by a bounded queue, so the main thread goes
+    back to the device runner at once. `put(indices, rejected, probs)` blocks while `maxsize` batches wait
+    (back-pressure on the runner); an exception in the thread is raised by the next `put` or by `close`, and
+    `close` / `abort` always join it. `probs` must stay valid until the thread has stitched it: the runner is
+    built with `hold = maxsize + 2` (queued, one being stitched, one being handed over)."""
 
-    A `torch.nn.Module` (with `.mean`/`.std`) is normalised here with `to_model_input`; any other object with a
-    `forward(uint8 batch on the device) -> logits` (an engine backend) normalises itself.
-    """
+    def __init__(self, stitcher: Stitcher, maxsize: int = 2):
+        import queue
+        import threading
 
-    def __init__(self, model, device: torch.device, tile_size: int):
-        from ..models.preprocess import to_model_input
+        self.stitcher = stitcher
+        self.maxsize = int(maxsize)
+        self.seconds = 0.0
+        self.tiles = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=self.maxsize)
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="fastgicn-stitch", daemon=True)
+        self._thread.start()
 
-        self.to_model_input = to_model_input
-        self.device = device
-        self.tile_size = tile_size
-        self.is_module = isinstance(model, torch.nn.Module)
-        if self.is_module:
-            model = model.to(device).eval()
-            if not hasattr(model, "mean") or not hasattr(model, "std"):
-                raise ConfigError(f"model {type(model).__name__} has no .mean/.std normalisation; build it with "
-                                  "fastgicn.models.create_model or load it with model_from_checkpoint")
-        elif not callable(getattr(model, "forward", None)):
-            raise ConfigError(f"model {type(model).__name__}: pass a torch module or an engine backend with "
-                              "forward(batch) -> logits")
-        self.model = model
-        self.cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.seconds = {"normalise": 0.0, "forward": 0.0, "postprocess": 0.0}
+    def _loop(self) -> None:
+        add_batch = getattr(self.stitcher, "add_batch", None)
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is not None or self._stop:
+                continue  # drain: the producer learns of the error at its next put
+            indices, rejected, probs = job
+            t0 = time.perf_counter()
+            try:
+                for i in rejected.tolist():
+                    self.stitcher.skip(int(i))
+                if len(indices):
+                    if add_batch is not None:
+                        add_batch(indices, probs)
+                    else:
+                        for j, i in enumerate(indices.tolist()):
+                            self.stitcher.add(int(i), probs[j])
+            except BaseException as exc:  # handed to the main thread
+                self._error = exc
+            self.seconds += time.perf_counter() - t0
 
-    def upload(self, batch_tensor: torch.Tensor):
-        """Start the host-to-device copy (async on its own stream with CUDA) and normalise on the device.
-        Returns (input, event): once `event` is done (or at once on CPU) the host batch may be reused."""
-        t0 = time.perf_counter()
-        event = None
-        if self.cuda:
-            main = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self.copy_stream):
-                dev = batch_tensor.to(self.device, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-            main.wait_event(event)
-            dev.record_stream(main)
-        else:
-            dev = batch_tensor
-        if self.is_module:
-            x = self.to_model_input(dev, self.model.mean, self.model.std)
-        else:
-            x = dev.clone() if not self.cuda else dev  # the host slot is released before forward on CPU
-        self.seconds["normalise"] += time.perf_counter() - t0
-        return x, event
+    def put(self, indices: np.ndarray, rejected: np.ndarray, probs) -> None:
+        import queue
 
-    @torch.inference_mode()
-    def infer(self, x: torch.Tensor) -> np.ndarray:
-        t0 = time.perf_counter()
-        logits = self.model(x) if self.is_module else self.model.forward(x)
-        if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
-        t1 = time.perf_counter()
-        if logits.dim() != 4 or logits.shape[1] <= TUMOUR_CLASS:
-            raise ConfigError(f"the model returned logits of shape {tuple(logits.shape)}: expected N x C x H x W "
-                              "with C >= 2 classes (0 normal, 1 tumour)")
-        if tuple(logits.shape[2:]) != (self.tile_size, self.tile_size):
-            raise ConfigError(f"the model returned {tuple(logits.shape[2:])} maps for {self.tile_size}-pixel "
-                              "tiles: it must predict at the input resolution")
-        prob = torch.softmax(logits.float(), dim=1)[:, TUMOUR_CLASS]
-        out = prob.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
-        self.seconds["forward"] += t1 - t0
-        self.seconds["postprocess"] += time.perf_counter() - t1
-        return out
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put((indices, rejected, probs), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Stitch what is queued, stop the thread, raise its error if it had one."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop without stitching what is queued (on an error elsewhere); idempotent."""
+        if not self._thread.is_alive():
+            return
+        self._stop = True
+        self._queue.put(None)
+        self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,13 +241,6 @@ class SlideResult:
     outputs: dict = field(default_factory=dict)
     report: dict | None = None
     error: str | None = None
-
-
-def _file_identity(path) -> dict | None:
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        return None
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def ensure_out_dir(out_dir) -> Path:
@@ -283,9 +260,15 @@ def run_fingerprint(slide, model_fp: str, config: TileConfig, stitch: str, truth
     """What decides whether existing outputs can be kept: model, config, stitch mode, slide and truth files."""
     h = hashlib.sha256()
     parts = {"model": model_fp, "config": config.to_dict(), "stitch": stitch, "format": REPORT_FORMAT,
-             "slide": _file_identity(slide), "truth": None if truth is None else _file_identity(truth)}
+             "slide": _content(slide), "truth": None if truth is None else _content(truth)}
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _content(path) -> str | None:
+    """A file's content identity (not its path or time: a copied or moved slide is the same slide)."""
+    ident = slide_identity(path)
+    return None if ident is None else f"{ident['bytes']}:{ident['content']}"
 
 
 def outputs_complete(out_dir, stem: str, fingerprint: str | None = None) -> bool:
@@ -385,7 +368,8 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
 
         t = config.tile_size
         lvl_xy = np.rint(candidates[:, :2] / ds).astype(np.int64)
-        runner = _Runner(model, device, t)
+        stitch_queue = 2  # batches waiting for the stitch thread
+        runner = DeviceRunner(model, device, t, depth=2, hold=stitch_queue + 2, batch_size=config.batch_size)
 
         # sinks of the stitched rows
         f = lowres_factor(width, height, summary_max_side)
@@ -424,27 +408,22 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         batches = BatchRing(src, candidates, level=level, tile_size=t, batch_size=config.batch_size,
                             threads=threads, ring=ring, min_tissue_fraction=config.min_tissue_fraction,
                             white_threshold=config.white_threshold, pin=device.type == "cuda")
-        stitch_seconds = 0.0
         t_loop = time.perf_counter()
+        # reader threads -> ring -> device runner (main thread) -> stitch thread -> writers
         with batches:
-            pending = None
-            for batch in batches:
-                x, event = runner.upload(batch.tensor)
-                meta = (batch.indices, batch.rejected)
-                if pending is not None:
-                    stitch_seconds += _finish(runner, stitcher, *pending)
-                    bar.update(len(pending[1]) + len(pending[2]))
-                pending = (x, *meta)
-                if event is not None:
-                    event.synchronize()  # the host slot may be refilled once its copy is done
-            if pending is not None:
-                stitch_seconds += _finish(runner, stitcher, *pending)
-                bar.update(len(pending[1]) + len(pending[2]))
+            stitching = _StitchThread(stitcher, maxsize=stitch_queue)
+            stack.callback(stitching.abort)  # joined whatever happens
+            results = runner.run(batches)
+            stack.callback(results.close)  # an early exit lets in-flight device work land first
+            for batch, probs in results:
+                stitching.put(batch.indices, batch.rejected, probs)
+                bar.update(len(batch.indices) + len(batch.rejected))
+            stitching.close()
         bar.close()
         timings["segment_loop"] = time.perf_counter() - t_loop
         t0 = time.perf_counter()
         stitcher.close()
-        stitch_seconds += time.perf_counter() - t0
+        stitch_seconds = stitching.seconds + time.perf_counter() - t0
         t0 = time.perf_counter()
         prob_writer.close()
         mask_writer.close()
@@ -488,7 +467,8 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
             "fingerprint": fingerprint,
             "slide": {"path": str(Path(src.path).resolve()) if getattr(src, "path", None) else None,
                       "name": stem, "vendor": getattr(src, "vendor", None), "dimensions": list(src.dimensions),
-                      "level_count": src.level_count, "mpp": src.mpp},
+                      "level_count": src.level_count, "mpp": src.mpp,
+                      "identity": slide_identity(src.path) if getattr(src, "path", None) else None},
             "read": {**level.to_dict(src.mpp), "reader": getattr(src, "reader", None),
                      "reader_note": getattr(src, "reader_note", None)},
             "model": {"name": getattr(model, "model_name", type(model).__name__),
@@ -514,6 +494,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
                          "python": platform.python_version()},
             "outputs": {},
         }
+        report["tissue"]["found"] = report["tiles"]["segmented"] > 0  # no tissue: empty outputs, a warning
         for key in ("probability", "mask", "geojson", "overlay"):
             report["outputs"][key] = {"file": paths[key].name, "bytes": paths[key].stat().st_size}
         timings["total"] = time.perf_counter() - t_start
@@ -523,17 +504,6 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         write_json(paths["report"], report)
     return SlideResult(str(slide) if isinstance(slide, (str, os.PathLike)) else stem, "done",
                        {k: str(p) for k, p in paths.items()}, report)
-
-
-def _finish(runner: _Runner, stitcher: Stitcher, x, indices, rejected) -> float:
-    """Run the model on one uploaded batch and stitch it; returns the seconds spent stitching."""
-    probs = runner.infer(x) if len(indices) else None
-    t0 = time.perf_counter()
-    for i in rejected:
-        stitcher.skip(int(i))
-    for j, i in enumerate(indices):
-        stitcher.add(int(i), probs[j])
-    return time.perf_counter() - t0
 
 
 def _block_majority(mask: np.ndarray, k: int) -> np.ndarray:
@@ -607,14 +577,56 @@ def load_model(weights=None, device="cpu"):
 # ---------------------------------------------------------------------------------------------------
 # many slides
 
+def existing_slide(out_dir, stem: str) -> dict | None:
+    """The identity of the slide whose complete outputs are under `stem` in `out_dir` (None if there are none)."""
+    try:
+        report = json.loads(output_paths(out_dir, stem)["report"].read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not report.get("complete"):
+        return None
+    slide = report.get("slide") or {}
+    return slide.get("identity") or {"path": slide.get("path"), "content": None}
+
+
+def _other_slide(out_dir, stem: str, slide) -> str | None:
+    """Why `slide` must not write over the complete outputs of a different slide under the same name, or None."""
+    there = existing_slide(out_dir, stem)
+    here = slide_identity(slide)
+    if there is None or here is None or there.get("content") == here["content"]:
+        return None
+    return (f"{output_paths(out_dir, stem)['report']} holds the complete results of another slide named "
+            f"{stem} ({there.get('path')}); segmenting {here['path']} would replace them: give it another -o, "
+            "or --force to replace them")
+
+
+def write_failures(out_dir, failures: list[tuple[str, str, str]]) -> Path | None:
+    """The failure manifest beside the outputs (slide, reason, time; tab-separated, a header line), or no
+    manifest when nothing failed. `fastgicn segment --slides-from` reads its first column back."""
+    path = Path(out_dir) / FAILURES_NAME
+    if not failures:
+        path.unlink(missing_ok=True)
+        return None
+    lines = ["# slide\treason\ttime: retry with fastgicn segment --slides-from " + str(path)]
+    lines += ["\t".join(v.replace("\t", " ").replace("\n", " ") for v in row) for row in failures]
+    from .outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def segment_slides(slides, out_dir, model, config: TileConfig | None = None, device="cpu", *, truths=None,
                    stitch: str = "blend", force: bool = False, log=None, **kwargs) -> list[SlideResult]:
     """Segment each of `slides` into `out_dir`, one after the other.
 
-    A slide whose outputs are complete for the same model, config, stitch mode and slide file is skipped
-    (unless `force`); a slide that fails with a fastgicn error (missing, corrupt, unreadable, bad mask) is
-    reported through `log` and skipped, and the others go on. `truths` is None or one mask (or None) per
-    slide. KeyboardInterrupt stops the run; finished slides stay finished and the next run resumes.
+    A slide whose outputs are complete for the same model, config, stitch mode and slide content is skipped
+    (unless `force`); a different slide whose name would replace another's complete outputs is refused (unless
+    `force`); a slide that fails with a fastgicn error (missing, corrupt, unreadable, bad mask) is reported
+    through `log` and skipped, and the others go on. A slide with no tissue gets empty outputs and a warning.
+    The run ends with a summary line and, when a slide failed, `OUT/fastgicn_failures.tsv` (slide, reason,
+    time) for `fastgicn segment --slides-from`. `truths` is None or one mask (or None) per slide.
+    KeyboardInterrupt stops the run; finished slides stay finished and the next run resumes.
     """
     config = config or TileConfig()
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -629,34 +641,41 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
                           "into different output directories")
     ensure_out_dir(out_dir)
     model_fp = kwargs.pop("model_fp", None) or model_fingerprint(model)
-    results = []
+    results: list[SlideResult] = []
+    failures: list[tuple[str, str, str]] = []
+    t_run = time.perf_counter()
+
+    def fail(label: str, slide, msg: str) -> None:
+        log(f"{label}: error: {msg}; skipped")
+        results.append(SlideResult(str(slide), "failed", error=msg))
+        failures.append((str(slide), msg, time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+
     for i, (slide, truth) in enumerate(zip(slides, truths)):
         label = f"[{i + 1}/{len(slides)}] {slide}"
         try:
             fp = run_fingerprint(slide, model_fp, config, stitch, truth)
         except OSError as exc:
             what = "truth mask" if truth is not None and str(exc.filename) == str(truth) else "slide"
-            msg = f"{what} {exc.filename or slide} cannot be read ({exc.strerror or exc}): check the path"
-            log(f"{label}: error: {msg}; skipped")
-            results.append(SlideResult(str(slide), "failed", error=msg))
+            fail(label, slide, f"{what} {exc.filename or slide} cannot be read ({exc.strerror or exc}): check the path")
             continue
         if not force and outputs_complete(out_dir, stems[i], fp):
             log(f"{label}: outputs complete in {out_dir}, skipped (use --force to redo)")
             results.append(SlideResult(str(slide), "skipped",
                                        {k: str(p) for k, p in output_paths(out_dir, stems[i]).items()}))
             continue
+        clash = None if force else _other_slide(out_dir, stems[i], slide)
+        if clash:
+            fail(label, slide, clash)
+            continue
         try:
             res = segment_slide(slide, out_dir, model, config, device, truth=truth, stitch=stitch,
                                 fingerprint=fp, model_fp=model_fp, **kwargs)
         except FastGicnError as exc:
-            log(f"{label}: error: {exc}; skipped")
-            results.append(SlideResult(str(slide), "failed", error=str(exc)))
+            fail(label, slide, str(exc))
             continue
         except OSError as exc:  # e.g. a full disk while writing this slide's outputs: the others may still fit
-            msg = (f"writing the outputs of {slide} in {out_dir} failed ({exc.strerror or exc}"
-                   f"{': ' + str(exc.filename) if exc.filename else ''}): free disk space or choose another -o")
-            log(f"{label}: error: {msg}; skipped")
-            results.append(SlideResult(str(slide), "failed", error=msg))
+            fail(label, slide, f"writing the outputs of {slide} in {out_dir} failed ({exc.strerror or exc}"
+                 f"{': ' + str(exc.filename) if exc.filename else ''}): free disk space or choose another -o")
             continue
         rep = res.report
         extra = f", Dice {rep['dice']['dice']:.4f}" if rep.get("dice") else ""
@@ -664,5 +683,18 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
         tumour = f"{area:.3f} mm²" if area is not None else f"{rep['tumour']['pixels']} px"
         log(f"{label}: {rep['tiles']['segmented']} tiles in {rep['seconds']['total']:.1f} s "
             f"({rep['tiles_per_second']:.1f} tiles/s), tumour {tumour}{extra}")
+        if not rep["tissue"].get("found", True):
+            log(f"{label}: warning: no tissue found in {slide}: empty outputs written (the report says "
+                "tissue.found = false); check the slide, or lower --min-tissue-fraction / --white-threshold")
         results.append(res)
+    counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
+    empty = sum(1 for r in results if r.report and not r.report["tissue"].get("found", True))
+    manifest = write_failures(out_dir, failures)
+    if len(slides) > 1 or failures:
+        summary = (f"{len(slides)} slides in {time.perf_counter() - t_run:.1f} s: {counts['done']} done"
+                   f"{f' ({empty} without tissue)' if empty else ''}, {counts['skipped']} skipped, "
+                   f"{counts['failed']} failed")
+        if manifest:
+            summary += f"; failures listed in {manifest} (retry: fastgicn segment --slides-from {manifest} -o {out_dir})"
+        log(summary)
     return results

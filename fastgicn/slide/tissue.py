@@ -77,7 +77,9 @@ def mask_from_rgb(rgb: np.ndarray, downsample: int = 1, *, min_chroma: int = 8, 
     if max_dark > 0:
         mask |= rgb.astype(np.uint16).sum(axis=2) < 3 * max_dark
     area = float(downsample) ** 2
-    min_px = int(np.ceil(min_object_l0 / area))
+    # dust is small against the slide: on a slide smaller than a few dust specks (OpenSlide's 16 x 16
+    # small.svs) an object of a sixteenth of the image is kept
+    min_px = int(np.ceil(min(min_object_l0 / area, mask.size / 16)))
     if min_px > 1 and mask.any():
         labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
         sizes = np.bincount(labels.ravel(), minlength=n + 1)

@@ -103,7 +103,9 @@ class SlideSource:
 
 def default_mask_path(slide_path: Path) -> Path:
     """OUT.svs -> OUT.mask.tif, where `fastgicn synth` writes the ground truth."""
-    return slide_path.with_name(slide_path.stem + ".mask.tif")
+    from ..naming import mask_path_for
+
+    return mask_path_for(slide_path)
 
 
 @dataclass
