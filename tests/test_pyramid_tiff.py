@@ -381,3 +381,39 @@ def test_bad_aperio_pages_raise_config_error(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         write_pyramid(tmp_path / "x.svs", 64, 64, lambda x, y, w, h: np.zeros((h, w, 3), np.uint8), **kwargs)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "deflate"])
+def test_same_bytes_with_any_pool_and_pushed_or_pulled(tmp_path, compression):
+    """The pool only changes which thread encodes a tile: 1 or 3 threads, tiles pulled from a callback or
+    rows pushed into a `PyramidWriter`, the file is the same byte for byte (Aperio layout, all page kinds)."""
+    h, w = 1291, 1111
+    img = smooth_rgb(h, w, seed=5) if compression == "jpeg" else \
+        np.random.default_rng(6).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    kwargs = dict(tile=128, compression=compression, mpp=0.25, aperio=True, app_mag=40, min_level_size=40,
+                  level_step=4, thumbnail=True, macro=lambda small: small[::2, ::2].copy())
+    files = []
+    for pool in (1, 3):
+        path = tmp_path / f"pulled{pool}.svs"
+        write_pyramid(path, w, h, tile_reader(img), pool=pool, **kwargs)
+        files.append(path.read_bytes())
+    writer = pyramid_tiff.PyramidWriter(tmp_path / "pushed.svs", w, h, channels=3, pool=2, queue_bands=2,
+                                        **kwargs)
+    for y in range(0, h, 300):
+        writer.write_rows(y, img[y:y + 300])
+    assert writer.close() == tmp_path / "pushed.svs"
+    assert [lv.width for lv in writer.levels] == [1111, 278, 70, 18]
+    files.append((tmp_path / "pushed.svs").read_bytes())
+    assert files[0] == files[1] == files[2]
+    if compression == "deflate":
+        with tifffile.TiffFile(tmp_path / "pushed.svs") as tif:
+            np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), img)
+
+
+def test_pool_argument_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="pool=0"):
+        write_pyramid(tmp_path / "x.tif", 64, 64, lambda x, y, w, h: np.zeros((h, w, 3), np.uint8), pool=0)
+    with pytest.raises(ConfigError, match="compression_level=3 is for deflate"):
+        write_pyramid(tmp_path / "x.tif", 64, 64, lambda x, y, w, h: np.zeros((h, w, 3), np.uint8),
+                      compression_level=3)
+    assert os.listdir(tmp_path) == []

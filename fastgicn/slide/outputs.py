@@ -1,8 +1,9 @@
 """What a segmented slide leaves behind, each file written under a temporary name and renamed when complete.
 
 - `PyramidBandWriter`: a pyramidal tiled TIFF (uint8, one channel) fed a band of rows at a time, as the stitcher
-  finishes them; it runs `fastgicn.slide.pyramid_tiff.write_pyramid` (which pulls tiles) in a thread, so the
-  stitched image is never held whole and compression overlaps the network.
+  finishes them: `fastgicn.slide.pyramid_tiff.PyramidWriter` with the maps' deflate level; tiles are encoded
+  by a pool of threads shared by both maps, so the stitched image is never held whole and compression keeps
+  up with the network.
 - `LowRes`: block averages of the stitched rows at a reduced scale, for polygons, the overlay and areas.
 - `write_overlay_png`, `write_json`: atomic small-file writers. The tumour polygons and their GeoJSON are in
   `fastgicn.slide.polygons` (OpenCV contours, valid under shapely).
@@ -13,15 +14,14 @@ import contextlib
 import json
 import math
 import os
-import queue
 import secrets
-import threading
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from ..errors import ConfigError, SlideError
+from .pyramid_tiff import PyramidWriter
 
 TUMOR_CLASS = "Tumor"
 TUMOR_COLOR = (200, 0, 0)  # QuPath's default red for "Tumor"
@@ -90,135 +90,33 @@ def remove_partials(directory, name: str) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------
 # streaming pyramidal TIFF
 
-class _Aborted(Exception):
-    """Raised inside the writer thread to make write_pyramid discard its temporary file."""
+# Deflate level of the segmentation maps (probability and mask), chosen by measurement on a probability map
+# of the demo slide (bench/bench_writers.py; docs/outputs.md): level 1 encodes several times faster than
+# the codec default of 6 for a few percent more bytes.
+MAP_DEFLATE_LEVEL = 1
 
 
-class PyramidBandWriter:
+class PyramidBandWriter(PyramidWriter):
     """Stream a `width` x `height` single-channel uint8 image into a pyramidal tiled TIFF, rows in order.
 
     `write_rows(y0, rows)` takes the next rows (y0 must follow the previous call); `close()` waits for the file
-    to be complete and renamed into place; `abort()` discards it. Memory: about ``(queue_bands + 2) * tile *
-    width`` bytes here plus the writer's own band per level; `write_rows` blocks while the writer is behind.
-    `downsample` is "mean" for probabilities and "majority" for 0/255 labels (see pyramid_tiff).
+    to be complete and renamed into place; `abort()` discards it. Tiles are encoded by `pool` (None: the pool
+    shared by every writer open at once, sized to the usable cores; see `fastgicn.slide.pyramid_tiff`).
+    `downsample` is "mean" for probabilities and "majority" for 0/255 labels; `compression_level` the deflate
+    level (default `MAP_DEFLATE_LEVEL`). Memory: about ``(queue_bands + 3) * tile * width`` bytes;
+    `write_rows` blocks while the writer is behind.
     """
 
     def __init__(self, path, width: int, height: int, *, mpp: float | None = None, tile: int = 256,
                  compression: str = "deflate", downsample: str = "mean", description: str | None = None,
-                 queue_bands: int = 1):
-        from .pyramid_tiff import write_pyramid
-
-        self.path, self.width, self.height, self.tile = Path(path), int(width), int(height), int(tile)
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_bands))
-        self._abort = threading.Event()
-        self._error: BaseException | None = None
-        self._next_row = 0
-        self._band: np.ndarray | None = None
-        self._band_top = 0
-        self._band_fill = 0
-        self.seconds = 0.0  # time the writer thread spent encoding and writing (not waiting for rows)
-        self._closed = False
-        kwargs = dict(channels=1, tile=self.tile, compression=compression, downsample=downsample, mpp=mpp,
-                      description=description)
-        self._thread = threading.Thread(target=self._run, args=(write_pyramid, kwargs), daemon=True,
-                                        name=f"fastgicn-write-{self.path.name}")
-        self._thread.start()
-
-    # writer thread -----------------------------------------------------------------------------------
-    def _run(self, write_pyramid, kwargs) -> None:
-        import time
-
-        current = {"top": -1, "band": None, "waited": 0.0}
-
-        def read_tile(x, y, w, h):
-            if y != current["top"]:
-                w0 = time.perf_counter()
-                while True:
-                    if self._abort.is_set():
-                        raise _Aborted()
-                    try:
-                        top, band = self._queue.get(timeout=0.05)
-                        break
-                    except queue.Empty:
-                        continue
-                current["waited"] += time.perf_counter() - w0
-                if top != y:
-                    raise RuntimeError(f"writer expected the band at row {y}, got {top}")
-                current["top"], current["band"] = top, band
-            return current["band"][:h, x:x + w]
-
-        t0 = time.perf_counter()
-        try:
-            write_pyramid(self.path, self.width, self.height, read_tile, **kwargs)
-        except _Aborted:
-            pass
-        except BaseException as exc:  # handed to the main thread by write_rows / close
-            self._error = exc
-        finally:
-            self.seconds = time.perf_counter() - t0 - current["waited"]
-
-    # main thread -------------------------------------------------------------------------------------
-    def _put(self, item) -> None:
-        while True:
-            if self._error is not None:
-                raise self._error
-            if not self._thread.is_alive():
-                raise SlideError(f"the writer of {self.path} stopped unexpectedly")
-            try:
-                self._queue.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-
-    def write_rows(self, y0: int, rows: np.ndarray) -> None:
-        if self._closed:
-            raise ConfigError(f"{self.path}: write_rows after close")
-        if y0 != self._next_row:
-            raise ConfigError(f"{self.path}: rows must come in order: got row {y0}, expected {self._next_row}")
-        if rows.ndim != 2 or rows.shape[1] != self.width or rows.dtype != np.uint8:
-            raise ConfigError(f"{self.path}: rows must be uint8 (n, {self.width}), got {rows.dtype} {rows.shape}")
-        if y0 + len(rows) > self.height:
-            raise ConfigError(f"{self.path}: rows {y0}..{y0 + len(rows)} pass the image height {self.height}")
-        if self._error is not None:
-            raise self._error
-        self._next_row += len(rows)
-        i = 0
-        while i < len(rows):
-            if self._band is None:
-                n = min(self.tile, self.height - self._band_top)
-                self._band = np.empty((n, self.width), np.uint8)
-                self._band_fill = 0
-            take = min(len(rows) - i, len(self._band) - self._band_fill)
-            self._band[self._band_fill:self._band_fill + take] = rows[i:i + take]
-            self._band_fill += take
-            i += take
-            if self._band_fill == len(self._band):
-                self._put((self._band_top, self._band))
-                self._band_top += len(self._band)
-                self._band = None
-
-    def close(self) -> Path:
-        """Wait until the file is complete and in place; raise what went wrong if it is not."""
-        if self._closed:
-            return self.path
-        if self._next_row != self.height:
-            self.abort()
-            raise ConfigError(f"{self.path}: closed after {self._next_row} of {self.height} rows")
-        while self._thread.is_alive():
-            self._thread.join(timeout=0.1)
-        self._closed = True
-        if self._error is not None:
-            raise self._error
-        return self.path
-
-    def abort(self) -> None:
-        """Stop the writer and delete its temporary files; the final name is never created."""
-        self._abort.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
-        self._thread.join()
-        self._closed = True
+                 queue_bands: int = 1, compression_level: int | None = None, pool=None,
+                 min_level_size: int = 1024):
+        if compression_level is None and compression == "deflate":
+            compression_level = MAP_DEFLATE_LEVEL
+        super().__init__(path, width, height, channels=1, tile=tile, compression=compression,
+                         compression_level=compression_level, downsample=downsample, mpp=mpp,
+                         description=description, min_level_size=min_level_size, pool=pool,
+                         queue_bands=queue_bands)
 
 
 # ---------------------------------------------------------------------------------------------------

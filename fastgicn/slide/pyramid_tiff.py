@@ -26,6 +26,15 @@ writes them (tifffile's SVS reader ends the level list at a reduced-image page),
 OpenSlide then reports the tiled pages as levels and `thumbnail`, `label`, `macro` as associated images;
 tifffile reports `is_svs`, the tiled levels as ``series[0].levels`` and series named Thumbnail, Label, Macro.
 
+Two forms: `write_pyramid` pulls tiles from a callback; `PyramidWriter` is pushed bands of rows (`write_rows`,
+`close`, `abort`) and writes on a thread of its own. In both, tiles of every level are encoded by a pool of
+threads (imagecodecs releases the GIL; by default one pool of `usable_cpus()` threads shared by every writer
+open at once), a few tiles ahead of the file, and written in order: the file is the same byte for byte
+whatever the pool. tifffile still writes the TIFF structure, pulling the encoded tiles of a level from an
+iterator and patching their offsets into the IFD. A uniform single-channel tile (glass, an all-zero mask) is
+encoded once per value and its bytes reused. Deflate uses level `DEFAULT_DEFLATE_LEVEL` (6) unless
+`compression_level` says otherwise (the segmentation maps use 1, see `fastgicn.slide.outputs`).
+
 Memory: level-0 tiles are encoded as they arrive; lower levels are built in bands of `tile` rows (about
 ``tile * width * channels`` bytes over all levels, plus the thumbnail-sized image when a thumbnail, label or
 macro is asked for, at most about 1024 x 1024 pixels) and their encoded tiles are spooled to a temporary file
@@ -36,12 +45,18 @@ the temporary files are removed and, when the disk is full, a `SlideError` names
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import errno
 import math
 import os
+import queue
 import secrets
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +64,16 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from ..cpus import usable_cpus
 from ..errors import ConfigError, SlideError
 
 COMPRESSIONS = ("jpeg", "deflate", "lzw")
 LOSSLESS_COMPRESSIONS = ("deflate", "lzw")
 DOWNSAMPLE_MODES = ("mean", "majority", "max")
+# The deflate level when none is given (see DEFAULT_DEFLATE_LEVEL's note in the module docstring).
+DEFAULT_DEFLATE_LEVEL = 6
 # Rows are reduced in chunks this wide, so temporaries stay small however wide the slide is.
-_REDUCE_CHUNK_COLUMNS = 8192
+_REDUCE_CHUNK_COLUMNS = 4096
 # The first line of every Aperio ImageDescription (the version OpenSlide's test slides and ours carry).
 APERIO_LIBRARY = "Aperio Image Library v12.0.15"
 THUMBNAIL_SIZE = 1024  # the long side an Aperio thumbnail page has at most
@@ -171,7 +189,8 @@ def _aperio_fields(mpp: float | None, app_mag: float | None, extra: str) -> list
     return fields
 
 
-def _tile_encoder(compression: str, channels: int, quality: int) -> Callable[[np.ndarray], bytes]:
+def _tile_encoder(compression: str, channels: int, quality: int,
+                  compression_level: int | None = None) -> Callable[[np.ndarray], bytes]:
     """Encode one full tile exactly as tifffile would for the same compression and photometric tags."""
     if compression == "jpeg" and channels == 3:
         return lambda t: imagecodecs.jpeg8_encode(t, level=quality, colorspace="RGB", outcolorspace="YCBCR",
@@ -179,7 +198,8 @@ def _tile_encoder(compression: str, channels: int, quality: int) -> Callable[[np
     if compression == "jpeg":
         return lambda t: imagecodecs.jpeg8_encode(t, level=quality)
     if compression == "deflate":
-        return lambda t: imagecodecs.deflate_encode(t, level=6)
+        level = DEFAULT_DEFLATE_LEVEL if compression_level is None else compression_level
+        return lambda t: imagecodecs.deflate_encode(t, level=level)
     if compression == "lzw":
         return lambda t: imagecodecs.lzw_encode(t)
     raise ConfigError(f"compression {compression!r}: use one of {COMPRESSIONS}")
@@ -196,8 +216,9 @@ def uniform_value(block: np.ndarray) -> int | None:
 class _TileEncoder:
     """Pads and encodes tiles; uniform single-channel tiles (most of a mask) are encoded once per value."""
 
-    def __init__(self, compression: str, channels: int, quality: int, tile: int):
-        self.encode_full = _tile_encoder(compression, channels, quality)
+    def __init__(self, compression: str, channels: int, quality: int, tile: int,
+                 compression_level: int | None = None):
+        self.encode_full = _tile_encoder(compression, channels, quality, compression_level)
         self.tile, self.channels = tile, channels
         self._uniform: dict[int, bytes] = {}
 
@@ -205,9 +226,10 @@ class _TileEncoder:
         if value is None and self.channels == 1:
             value = uniform_value(block)
         if value is not None:  # edge padding keeps a uniform tile uniform, so one encoding serves every size
-            if value not in self._uniform:
-                self._uniform[value] = self.encode_full(np.full((self.tile, self.tile), value, np.uint8))
-            return self._uniform[value]
+            data = self._uniform.get(value)
+            if data is None:  # two pool threads may both encode a value first seen at once: same bytes
+                data = self._uniform[value] = self.encode_full(np.full((self.tile, self.tile), value, np.uint8))
+            return data
         return self.encode_full(_pad_to_tile(block, self.tile))
 
 
@@ -246,34 +268,33 @@ class _Spool:
 class _Cascade:
     """Builds levels 1..n from level-0 tiles: one band of `tile` rows per level, reduced 2x2 into the next.
 
-    `sizes` are every 2x level computed; only those in `keep` (indices into `sizes`) are encoded and
-    spooled, and level `collect` (if not None) is also gathered whole into `overview`."""
+    `sizes` are every 2x level computed; the tiles of those in `keep` (indices into `sizes`) are handed to
+    `emit(level, block)` in row-major order (a copy of its own, so `emit` may encode it later, on another
+    thread), and level `collect` (if not None) is also gathered whole into `overview`."""
 
-    def __init__(self, sizes, channels, tile, mode, encode, spool, keep=None, collect=None):
-        self.sizes, self.tile, self.mode, self.encode, self.spool = sizes, tile, mode, encode, spool
+    def __init__(self, sizes, channels, tile, mode, emit, keep=None, collect=None):
+        self.sizes, self.tile, self.mode, self.emit = sizes, tile, mode, emit
         self.keep = set(range(1, len(sizes)) if keep is None else keep) - {0}
         self.collect = collect
-        shape = (channels,) if channels > 1 else ()
-        self.bands = [None] + [np.zeros((tile, w) + shape, np.uint8) for w, _ in sizes[1:]]
+        self.shape = (channels,) if channels > 1 else ()
+        self.bands = [None] + [np.zeros((tile, w) + self.shape, np.uint8) for w, _ in sizes[1:]]
         self.band_row = [0] * len(sizes)  # index of the band (tile row) each level is filling
         self.filled = [0] * len(sizes)  # rows of that band filled so far
+        self.emitted = [0] * len(sizes)  # tiles handed to `emit`, per level
         self.overview = None
         if collect is not None:
             w, h = sizes[collect]
-            self.overview = np.zeros((h, w) + shape, np.uint8)
+            self.overview = np.zeros((h, w) + self.shape, np.uint8)
 
-    def add_level0_tile(self, t_row: int, t_col: int, pixels: np.ndarray, value: int | None = None) -> None:
+    def add_level0_tile(self, t_row: int, t_col: int, pixels: np.ndarray, small: np.ndarray | None) -> None:
+        """Place a level-0 tile: `small` is its 2x2 reduction (`reduce_tile`), None when level 0 is the only
+        level."""
         if self.collect == 0:
             y, x = t_row * self.tile, t_col * self.tile
             self.overview[y:y + pixels.shape[0], x:x + pixels.shape[1]] = pixels
         if len(self.sizes) == 1:
             return
         half = self.tile // 2
-        if value is not None:  # a uniform tile reduces to the same value in every mode
-            reduced = value if self.mode != "majority" else (255 if value >= 128 else 0)
-            small = np.full(((pixels.shape[0] + 1) // 2, (pixels.shape[1] + 1) // 2), reduced, np.uint8)
-        else:
-            small = downsample2(pixels, self.mode)
         y = (t_row % 2) * half
         self.bands[1][y:y + small.shape[0], t_col * half:t_col * half + small.shape[1]] = small
 
@@ -295,31 +316,38 @@ class _Cascade:
         width = self.sizes[level][0]
         band = self.bands[level][:band_rows, :width]
         if level in self.keep:
-            for x in range(0, width, self.tile):
-                self.spool.add(level, self.encode(band[:, x:x + self.tile]))
+            for x in range(0, width, self.tile):  # a copy: the band is filled again while the tile waits
+                self.emit(level, np.array(band[:, x:x + self.tile], copy=True))
+                self.emitted[level] += 1
         if level == self.collect:
             top = self.band_row[level] * self.tile
             self.overview[top:top + band_rows] = band
+        self.band_row[level] += 1
+        self.filled[level] = 0
         if level + 1 < len(self.sizes):
             below = self.bands[level + 1]
-            y = (self.band_row[level] % 2) * (self.tile // 2)
+            y = ((self.band_row[level] - 1) % 2) * (self.tile // 2)
             for x in range(0, width, _REDUCE_CHUNK_COLUMNS):
                 small = downsample2(band[:, x:x + _REDUCE_CHUNK_COLUMNS], self.mode)
                 below[y:y + small.shape[0], x // 2:x // 2 + small.shape[1]] = small
-            self.band_row[level] += 1
-            self.filled[level] = 0
             self._add_rows(level + 1, (band_rows + 1) // 2)
-        else:
-            self.band_row[level] += 1
-            self.filled[level] = 0
 
     def check_complete(self) -> None:
         for level in sorted(self.keep):
             w, h = self.sizes[level]
             expected = math.ceil(w / self.tile) * math.ceil(h / self.tile)
-            if len(self.spool.index[level]) != expected:
-                raise RuntimeError(f"pyramid level {level}: {len(self.spool.index[level])} tiles built, "
+            if self.emitted[level] != expected:
+                raise RuntimeError(f"pyramid level {level}: {self.emitted[level]} tiles built, "
                                    f"expected {expected}")
+
+
+def reduce_tile(pixels: np.ndarray, value: int | None, mode: str) -> np.ndarray:
+    """The 2x2 reduction of a level-0 tile; a uniform tile (`value`) reduces to the same value in every mode
+    (majority: 255 or 0)."""
+    if value is None:
+        return downsample2(pixels, mode)
+    reduced = value if mode != "majority" else (255 if value >= 128 else 0)
+    return np.full(((pixels.shape[0] + 1) // 2, (pixels.shape[1] + 1) // 2), reduced, np.uint8)
 
 
 def _validate(width, height, channels, tile, compression, quality, downsample, mpp, app_mag, min_level_size):
@@ -419,29 +447,146 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channels: int = 3, tile: int = 256,
-                  compression: str = "jpeg", quality: int = 90, downsample: str = "mean",
-                  mpp: float | None = None, aperio: bool = False, app_mag: float | None = None,
-                  description: str | None = None, min_level_size: int = 1024,
-                  bigtiff: bool | None = None, level_step: int = 2, thumbnail: bool | int = False,
-                  label: np.ndarray | LowResImage | None = None,
-                  macro: np.ndarray | LowResImage | None = None) -> list[PyramidLevel]:
-    """Write a pyramidal tiled TIFF from `read_tile(l0_x, l0_y, w, h)`, called once per level-0 tile in
-    row-major order with the tile's size clipped at the right and bottom edges.
+# ---------------------------------------------------------------------------------------------------
+# the encoding pool
 
-    `read_tile` returns uint8 pixels, h x w x 3 (channels=3) or h x w (channels=1). `mpp` (microns per level-0
-    pixel) is stored as resolution tags in pixels per centimetre on every level and, with `aperio=True`, as
-    ``MPP = ...`` (with ``AppMag = ...``) in an Aperio ImageDescription; `description` is the ImageDescription
-    of a generic TIFF, or extra ``key = value`` text for Aperio. `bigtiff=None` chooses BigTIFF when the file
-    could pass 4 GB. `level_step` is the size ratio of consecutive levels (2, or 4 for Aperio's 1, 4, 16, ...;
-    see the module notes). With `aperio=True`: `thumbnail=True` (or a long side in px) writes a stripped
-    thumbnail page after level 0, compressed like the levels; `label` and `macro` (uint8 H x W x 3 or H x W,
-    or a function of the thumbnail-sized low-resolution level, which it must not modify, returning such
-    pixels) are written at the end as stripped LZW and JPEG pages. Returns the tiled levels written. Raises
-    `ConfigError` for bad arguments and `SlideError` when the file cannot be written (the destination is then
-    left as it was).
-    """
+_POOL_LOCK = threading.Lock()
+_SHARED_POOL: dict = {"pool": None, "users": 0}
+
+
+def _acquire_pool(pool) -> tuple[Executor, Callable[[], None]]:
+    """The executor that encodes tiles and a function that gives it back (idempotent).
+
+    None: the process-wide pool of `usable_cpus()` threads, shared by every writer open at the same time
+    (the probability map and the mask of a slide) and shut down when the last of them gives it back; an
+    int n >= 1: a pool of n threads for this writer alone; an `Executor`: used as it is, never shut down."""
+    if isinstance(pool, Executor):
+        return pool, lambda: None
+    if pool is None:
+        with _POOL_LOCK:
+            if _SHARED_POOL["pool"] is None:
+                _SHARED_POOL["pool"] = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="fastgicn-encode")
+            _SHARED_POOL["users"] += 1
+            executor = _SHARED_POOL["pool"]
+        released = []
+
+        def release_shared() -> None:
+            with _POOL_LOCK:
+                if released:
+                    return
+                released.append(True)
+                _SHARED_POOL["users"] -= 1
+                last = _SHARED_POOL["users"] == 0 and _SHARED_POOL["pool"] is executor
+                if last:
+                    _SHARED_POOL["pool"] = None
+            if last:
+                executor.shutdown(wait=True)
+
+        return executor, release_shared
+    if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1:
+        raise ConfigError(f"pool={pool!r}: give a number of encoding threads (>= 1), a "
+                          "concurrent.futures.Executor, or None for the shared pool sized to the usable cores")
+    executor = ThreadPoolExecutor(int(pool), thread_name_prefix="fastgicn-encode")
+    return executor, lambda: executor.shutdown(wait=True)
+
+
+def _pool_threads(executor: Executor) -> int:
+    return int(getattr(executor, "_max_workers", 0) or usable_cpus())
+
+
+def _encode_level0(encode: _TileEncoder, pixels: np.ndarray, mode: str | None):
+    """Pool task for one level-0 tile: (encoded bytes, its 2x2 reduction or None, seconds)."""
+    t0 = time.perf_counter()
+    value = uniform_value(pixels)
+    small = None if mode is None else reduce_tile(pixels, value, mode)
+    return encode(pixels, value), small, time.perf_counter() - t0
+
+
+def _encode_timed(encode: _TileEncoder, block: np.ndarray):
+    t0 = time.perf_counter()
+    return encode(block), time.perf_counter() - t0
+
+
+class _LowerLevels:
+    """Encodes the tiles of levels 1..n on the pool and spools them in the order they were emitted."""
+
+    def __init__(self, executor: Executor, encode: _TileEncoder, spool: _Spool, limit: int, stats: dict):
+        self.executor, self.encode, self.spool, self.limit, self.stats = executor, encode, spool, limit, stats
+        self.pending: collections.deque = collections.deque()
+
+    def emit(self, level: int, block: np.ndarray) -> None:
+        self.pending.append((level, self.executor.submit(_encode_timed, self.encode, block)))
+        while self.pending and (len(self.pending) > self.limit or self.pending[0][1].done()):
+            self._spool_first()
+
+    def _spool_first(self) -> None:
+        level, future = self.pending.popleft()
+        data, seconds = _result(future, self.stats)
+        self.stats["encode_seconds"] += seconds
+        self.spool.add(level, data)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._spool_first()
+
+
+def _result(future, stats: dict):
+    if future.done():
+        return future.result()
+    t0 = time.perf_counter()
+    try:
+        return future.result()
+    finally:
+        stats["wait_seconds"] += time.perf_counter() - t0
+
+
+def _cancel(futures) -> None:
+    """Cancel what has not started and wait for what has (no task outlives its writer)."""
+    futures = [f for f in futures if not f.cancel()]
+    if futures:
+        concurrent.futures.wait(futures)
+
+
+Level0Tiles = Iterator[tuple[int, int, np.ndarray]]  # (t_row, t_col, pixels) in row-major order
+
+
+@dataclass
+class _Plan:
+    """Everything `write_pyramid` and `PyramidWriter` decide before writing a byte."""
+
+    path: Path
+    directory: Path
+    width: int
+    height: int
+    channels: int
+    tile: int
+    sizes: list  # every 2x level the cascade computes
+    kept: list  # sizes of the levels written
+    keep: list  # their indices in `sizes`
+    collect: int | None
+    bigtiff: bool
+    options: dict  # compression, quality, downsample, mpp, aperio, app_mag, description, thumbnail, label, macro
+    compression_level: int | None
+
+    def levels(self) -> list[PyramidLevel]:
+        return [PyramidLevel(w, h, self.width / w) for w, h in self.kept]
+
+
+def _plan(path, width, height, *, channels, tile, compression, quality, compression_level, downsample, mpp,
+          aperio, app_mag, description, min_level_size, bigtiff, level_step, thumbnail, label,
+          macro) -> _Plan:
+    from ..naming import tiff_ascii
+
+    description = tiff_ascii(description)  # TIFF text is 7-bit ASCII: a slide named Müller_01 must not crash
     _validate(width, height, channels, tile, compression, quality, downsample, mpp, app_mag, min_level_size)
+    if compression_level is not None:
+        if compression != "deflate":
+            raise ConfigError(f"compression_level={compression_level!r} is for deflate (JPEG has `quality`, "
+                              f"LZW no level), not {compression!r}")
+        if (isinstance(compression_level, bool) or not isinstance(compression_level, (int, np.integer))
+                or not 1 <= compression_level <= 9):
+            raise ConfigError(f"compression_level={compression_level!r}: deflate levels are 1 (fastest) .. 9 "
+                              f"(smallest); {DEFAULT_DEFLATE_LEVEL} is the default")
     thumb_size = _validate_aperio_pages(aperio, level_step, thumbnail, label, macro)
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -461,65 +606,88 @@ def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channel
         while max(_cascade_sizes(width, height, collect)[-1]) > (thumb_size or THUMBNAIL_SIZE):
             collect += 1
         depth = max(depth, collect)
-    sizes = _cascade_sizes(width, height, depth)
     if bigtiff is None:
         bigtiff = width * height * channels * 4 // 3 > 2**31
+    options = dict(compression=compression, quality=quality, downsample=downsample, mpp=mpp, aperio=aperio,
+                   app_mag=app_mag, description=description, thumbnail=thumb_size is not None, label=label,
+                   macro=macro)
+    return _Plan(path, directory, int(width), int(height), channels, int(tile),
+                 _cascade_sizes(width, height, depth), kept, keep, collect, bool(bigtiff), options,
+                 None if compression_level is None else int(compression_level))
+
+
+def _write_file(plan: _Plan, tiles: Level0Tiles, executor: Executor, stats: dict,
+                aborted: Callable[[], bool] = lambda: False) -> None:
+    """Write the planned file from `tiles` under a temporary name and move it into place."""
     token = secrets.token_hex(4)
-    temp = directory / f".{path.name}.{token}.partial"
-    spool_path = directory / f".{path.name}.{token}.spool"
-    encode = _TileEncoder(compression, channels, quality, tile)
+    temp = plan.directory / f".{plan.path.name}.{token}.partial"
+    spool_path = plan.directory / f".{plan.path.name}.{token}.spool"
+    encode = _TileEncoder(plan.options["compression"], plan.channels, plan.options["quality"], plan.tile,
+                          plan.compression_level)
     written = False
     try:
         with _open_output(temp) as fh:
-            spool = _Spool(spool_path, len(sizes))
+            spool = _Spool(spool_path, len(plan.sizes))
             try:
-                _write_levels(fh, sizes, read_tile, spool, encode, channels=channels, tile=tile,
-                              compression=compression, quality=quality, downsample=downsample, mpp=mpp,
-                              aperio=aperio, app_mag=app_mag, description=description, bigtiff=bigtiff,
-                              keep=keep, collect=collect, thumbnail=thumb_size is not None, label=label,
-                              macro=macro)
+                _write_levels(fh, plan, tiles, spool, encode, executor, stats)
             finally:
                 spool.close()
                 _remove_quietly(spool_path)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(temp, path)
+        if aborted():
+            raise _Aborted()
+        os.replace(temp, plan.path)
         written = True
     except _SourceFailed as failed:
         raise failed.error from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SlideError(f"disk full while writing {path}: free space in {directory} or write elsewhere "
-                             f"(nothing was left under that name)") from exc
-        raise SlideError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise SlideError(f"disk full while writing {plan.path}: free space in {plan.directory} or write "
+                             f"elsewhere (nothing was left under that name)") from exc
+        raise SlideError(f"cannot write {plan.path}: {exc.strerror or exc}") from exc
     finally:
         if not written:
             _remove_quietly(temp)
             _remove_quietly(spool_path)
-    return [PyramidLevel(w, h, width / w) for w, h in kept]
 
 
-def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compression, quality, downsample,
-                  mpp, aperio, app_mag, description, bigtiff, keep, collect, thumbnail, label, macro) -> None:
-    cascade = _Cascade(sizes, channels, tile, downsample, encode, spool, keep, collect)
+def _write_levels(fh, plan: _Plan, tiles: Level0Tiles, spool: _Spool, encode: _TileEncoder,
+                  executor: Executor, stats: dict) -> None:
+    o = plan.options
+    channels, tile, sizes, keep = plan.channels, plan.tile, plan.sizes, plan.keep
+    compression, quality, mpp, aperio = o["compression"], o["quality"], o["mpp"], o["aperio"]
+    description, app_mag, thumbnail = o["description"], o["app_mag"], o["thumbnail"]
     width, height = sizes[0]
+    n_rows, n_cols = math.ceil(height / tile), math.ceil(width / tile)
+    threads = _pool_threads(executor)
+    # tiles in flight: enough to keep every pool thread busy while the first one is written, and for a
+    # source of whole bands, the next band's tiles while this one's are written
+    lookahead = 2 * threads + 2 + (n_cols if isinstance(tiles, _BandTiles) else 0)
+    lower = _LowerLevels(executor, encode, spool, 2 * threads + 2, stats)
+    cascade = _Cascade(sizes, channels, tile, o["downsample"], lower.emit, keep, plan.collect)
+    mode = o["downsample"] if len(sizes) > 1 else None
+    pending: collections.deque = collections.deque()
 
     def level0_tiles() -> Iterator[bytes]:
-        n_rows, n_cols = math.ceil(height / tile), math.ceil(width / tile)
-        for t_row in range(n_rows):
-            for t_col in range(n_cols):
-                x, y = t_col * tile, t_row * tile
-                w, h = min(tile, width - x), min(tile, height - y)
-                try:
-                    pixels = read_tile(x, y, w, h)
-                except OSError as exc:  # a failure to read the source is not a failure to write the file
-                    raise _SourceFailed(exc) from exc
-                pixels = _check_tile(pixels, x, y, w, h, channels)
-                value = uniform_value(pixels)
-                cascade.add_level0_tile(t_row, t_col, pixels, value)
-                if t_col == n_cols - 1:  # before the last yield: tifffile stops pulling after the last tile
-                    cascade.end_level0_row(t_row)
-                yield encode(pixels, value)
+        total = n_rows * n_cols
+        submitted = 0
+        for i in range(total):
+            while submitted < total and len(pending) < lookahead:
+                t_row, t_col, pixels = next(tiles)
+                pending.append((t_row, t_col, pixels, executor.submit(_encode_level0, encode, pixels, mode)))
+                submitted += 1
+            t_row, t_col, pixels, future = pending.popleft()
+            data, small, seconds = _result(future, stats)
+            stats["encode_seconds"] += seconds
+            stats["tiles"] += 1
+            cascade.add_level0_tile(t_row, t_col, pixels, small)
+            if t_col == n_cols - 1:
+                cascade.end_level0_row(t_row)
+            if i == total - 1:  # before the last yield: tifffile stops pulling after the last tile
+                lower.drain()
+                cascade.check_complete()
+            yield data
 
     common = dict(dtype=np.uint8, tile=(tile, tile), compression=compression, metadata=None,
                   photometric="rgb" if channels == 3 else "minisblack", resolutionunit="CENTIMETER",
@@ -531,7 +699,7 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
     reduced_subfiletype = 0 if thumbnail else 1
     stripped = dict(photometric=common["photometric"], metadata=None, software="fastgicn",
                     rowsperstrip=_STRIP_ROWS)
-    writer = tifffile.TiffWriter(fh, bigtiff=bigtiff)
+    writer = tifffile.TiffWriter(fh, bigtiff=plan.bigtiff)
     try:
         for level in keep:
             w, h = sizes[level]
@@ -543,9 +711,9 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
             kwargs = dict(common)
             if mpp is not None:
                 kwargs["resolution"] = (1e4 / (mpp * width / w), 1e4 / (mpp * height / h))
-            tiles = level0_tiles() if level == 0 else spool.tiles(level)
+            level_tiles = level0_tiles() if level == 0 else spool.tiles(level)
             shape = (h, w, channels) if channels > 1 else (h, w)
-            writer.write(tiles, shape=shape, description=desc,
+            writer.write(level_tiles, shape=shape, description=desc,
                          subfiletype=0 if level == 0 else reduced_subfiletype, **kwargs)
             if level == 0:
                 cascade.check_complete()
@@ -555,8 +723,8 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
                                                         app_mag, description or "")
                     writer.write(small, description=desc, subfiletype=0,
                                  **_stripped_codec(compression, quality, small), **stripped)
-        for name, image, subfiletype, codec in (("label", label, _SUBFILETYPE_LABEL, "lzw"),
-                                                ("macro", macro, _SUBFILETYPE_MACRO, "jpeg")):
+        for name, image, subfiletype, codec in (("label", o["label"], _SUBFILETYPE_LABEL, "lzw"),
+                                                ("macro", o["macro"], _SUBFILETYPE_MACRO, "jpeg")):
             if image is None:
                 continue
             image = _check_associated(name, image(cascade.overview) if callable(image) else image)
@@ -564,7 +732,264 @@ def _write_levels(fh, sizes, read_tile, spool, encode, *, channels, tile, compre
                          subfiletype=subfiletype, **_stripped_codec(codec, quality, image),
                          **dict(stripped, photometric="rgb" if image.ndim == 3 else "minisblack"))
     except BaseException:
+        _cancel([p[3] for p in pending] + [f for _, f in lower.pending])
         with contextlib.suppress(Exception):  # keep the original error; the file is discarded anyway
             writer.close()
         raise
     writer.close()
+
+
+def _new_stats() -> dict:
+    return {"tiles": 0, "encode_seconds": 0.0, "wait_seconds": 0.0}
+
+
+class _CallbackTiles:
+    """Level-0 tiles pulled from `read_tile(l0_x, l0_y, w, h)`, checked and copied (the pool encodes them
+    later, so a callback may reuse its buffer)."""
+
+    def __init__(self, read_tile: ReadTile, width: int, height: int, tile: int, channels: int):
+        self._it = self._tiles(read_tile, width, height, tile, channels)
+
+    @staticmethod
+    def _tiles(read_tile, width, height, tile, channels):
+        for t_row in range(math.ceil(height / tile)):
+            for t_col in range(math.ceil(width / tile)):
+                x, y = t_col * tile, t_row * tile
+                w, h = min(tile, width - x), min(tile, height - y)
+                try:
+                    pixels = read_tile(x, y, w, h)
+                except OSError as exc:  # a failure to read the source is not a failure to write the file
+                    raise _SourceFailed(exc) from exc
+                yield t_row, t_col, np.array(_check_tile(pixels, x, y, w, h, channels), copy=True)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+
+class _BandTiles(_CallbackTiles):
+    """Level-0 tiles cut from whole bands of `tile` rows, which `next_band(top)` hands over in order."""
+
+    def __init__(self, next_band: Callable[[int], np.ndarray], width: int, height: int, tile: int):
+        self._it = self._cut(next_band, width, height, tile)
+
+    @staticmethod
+    def _cut(next_band, width, height, tile):
+        for t_row in range(math.ceil(height / tile)):
+            band = next_band(t_row * tile)
+            for t_col, x in enumerate(range(0, width, tile)):
+                yield t_row, t_col, band[:, x:x + tile]
+
+
+def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channels: int = 3, tile: int = 256,
+                  compression: str = "jpeg", quality: int = 90, downsample: str = "mean",
+                  mpp: float | None = None, aperio: bool = False, app_mag: float | None = None,
+                  description: str | None = None, min_level_size: int = 1024,
+                  bigtiff: bool | None = None, level_step: int = 2, thumbnail: bool | int = False,
+                  label: np.ndarray | LowResImage | None = None,
+                  macro: np.ndarray | LowResImage | None = None, compression_level: int | None = None,
+                  pool: Executor | int | None = None) -> list[PyramidLevel]:
+    """Write a pyramidal tiled TIFF from `read_tile(l0_x, l0_y, w, h)`, called once per level-0 tile in
+    row-major order (on the calling thread, a few tiles ahead of the file) with the tile's size clipped at
+    the right and bottom edges.
+
+    `read_tile` returns uint8 pixels, h x w x 3 (channels=3) or h x w (channels=1). `mpp` (microns per level-0
+    pixel) is stored as resolution tags in pixels per centimetre on every level and, with `aperio=True`, as
+    ``MPP = ...`` (with ``AppMag = ...``) in an Aperio ImageDescription; `description` is the ImageDescription
+    of a generic TIFF, or extra ``key = value`` text for Aperio. `bigtiff=None` chooses BigTIFF when the file
+    could pass 4 GB. `level_step` is the size ratio of consecutive levels (2, or 4 for Aperio's 1, 4, 16, ...;
+    see the module notes). With `aperio=True`: `thumbnail=True` (or a long side in px) writes a stripped
+    thumbnail page after level 0, compressed like the levels; `label` and `macro` (uint8 H x W x 3 or H x W,
+    or a function of the thumbnail-sized low-resolution level, which it must not modify, returning such
+    pixels) are written at the end as stripped LZW and JPEG pages. `compression_level` is the deflate level
+    (1..9, default `DEFAULT_DEFLATE_LEVEL`); `pool` the threads that encode tiles (None: the shared pool of
+    the usable cores; n: n threads of its own; or an Executor); the file is the same byte for byte whatever
+    the pool. Returns the tiled levels written. Raises `ConfigError` for bad arguments and `SlideError` when
+    the file cannot be written (the destination is then left as it was).
+    """
+    plan = _plan(path, width, height, channels=channels, tile=tile, compression=compression, quality=quality,
+                 compression_level=compression_level, downsample=downsample, mpp=mpp, aperio=aperio,
+                 app_mag=app_mag, description=description, min_level_size=min_level_size, bigtiff=bigtiff,
+                 level_step=level_step, thumbnail=thumbnail, label=label, macro=macro)
+    executor, release = _acquire_pool(pool)
+    try:
+        _write_file(plan, _CallbackTiles(read_tile, plan.width, plan.height, plan.tile, channels), executor,
+                    _new_stats())
+    finally:
+        release()
+    return plan.levels()
+
+
+class _Aborted(Exception):
+    """Raised on the writer thread to make it discard the temporary file."""
+
+
+class PyramidWriter:
+    """A pyramidal tiled TIFF pushed a band of rows at a time: the push form of `write_pyramid`.
+
+    ``write_rows(y0, rows)`` takes the next rows (uint8 ``(n, width)``, or ``(n, width, 3)`` with
+    ``channels=3``; `y0` must follow the previous call; the rows are copied, so the caller may reuse its
+    buffer); ``close()`` waits until the file is complete and renamed into place and returns its path
+    (`levels` then lists the levels written); ``abort()`` discards it and returns once no thread of this
+    writer runs and no temporary file is left. Arguments as for `write_pyramid`, which checks them here.
+
+    Threads: the calling thread only copies rows into a band of `tile` rows and hands each full band to this
+    writer's thread (blocking while `queue_bands` bands wait); that thread cuts the band into tiles, gives
+    them to the encoding `pool` (a few tiles and at most about a band ahead), builds the lower levels from
+    the reduced tiles the pool returns and passes the encoded tiles, in order, to tifffile, which writes the
+    IFDs; the lower levels' tiles are encoded on the pool too and spooled until level 0 is complete. Memory:
+    about ``(queue_bands + 3) * tile * width * channels`` bytes, plus one band per lower level.
+
+    `seconds` is the work spent on this file (encoding on the pool, plus this writer's thread when not
+    waiting); `encode_seconds`, `tiles` (level-0 tiles encoded) and `wait_seconds` break it down.
+    """
+
+    def __init__(self, path, width: int, height: int, *, channels: int = 1, tile: int = 256,
+                 compression: str = "deflate", quality: int = 90, compression_level: int | None = None,
+                 downsample: str = "mean", mpp: float | None = None, aperio: bool = False,
+                 app_mag: float | None = None, description: str | None = None, min_level_size: int = 1024,
+                 bigtiff: bool | None = None, level_step: int = 2, thumbnail: bool | int = False,
+                 label=None, macro=None, pool: Executor | int | None = None, queue_bands: int = 1):
+        self._plan = plan = _plan(path, width, height, channels=channels, tile=tile, compression=compression,
+                                  quality=quality, compression_level=compression_level, downsample=downsample,
+                                  mpp=mpp, aperio=aperio, app_mag=app_mag, description=description,
+                                  min_level_size=min_level_size, bigtiff=bigtiff, level_step=level_step,
+                                  thumbnail=thumbnail, label=label, macro=macro)
+        self.path, self.width, self.height, self.tile = plan.path, plan.width, plan.height, plan.tile
+        self.channels = channels
+        self.levels: list[PyramidLevel] | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_bands)))
+        self._abort = threading.Event()
+        self._error: BaseException | None = None
+        self._next_row = 0
+        self._band: np.ndarray | None = None
+        self._band_top = 0
+        self._band_fill = 0
+        self._closed = False
+        self._stats = _new_stats()
+        self._thread_seconds = 0.0
+        self._executor, self._release = _acquire_pool(pool)
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"fastgicn-write-{self.path.name}")
+        try:
+            self._thread.start()
+        except BaseException:
+            self._release()
+            raise
+
+    @property
+    def encode_seconds(self) -> float:
+        return self._stats["encode_seconds"]
+
+    @property
+    def wait_seconds(self) -> float:
+        return self._stats["wait_seconds"]
+
+    @property
+    def tiles(self) -> int:
+        return self._stats["tiles"]
+
+    @property
+    def seconds(self) -> float:
+        return self._thread_seconds + self._stats["encode_seconds"]
+
+    # writer thread -----------------------------------------------------------------------------------
+    def _next_band(self, top: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        while True:
+            if self._abort.is_set():
+                raise _Aborted()
+            try:
+                got, band = self._queue.get(timeout=0.05)
+                break
+            except queue.Empty:
+                continue
+        self._stats["wait_seconds"] += time.perf_counter() - t0
+        if got != top:
+            raise RuntimeError(f"writer of {self.path} expected the band at row {top}, got {got}")
+        return band
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            tiles = _BandTiles(self._next_band, self.width, self.height, self.tile)
+            _write_file(self._plan, tiles, self._executor, self._stats, self._abort.is_set)
+            self.levels = self._plan.levels()
+        except _Aborted:
+            pass
+        except BaseException as exc:  # handed to the main thread by write_rows / close
+            self._error = exc
+        finally:
+            self._release()
+            self._thread_seconds = time.perf_counter() - t0 - self._stats["wait_seconds"]
+
+    # calling thread ----------------------------------------------------------------------------------
+    def _put(self, item) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if not self._thread.is_alive():
+                raise SlideError(f"the writer of {self.path} stopped unexpectedly")
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def write_rows(self, y0: int, rows: np.ndarray) -> None:
+        if self._closed:
+            raise ConfigError(f"{self.path}: write_rows after close")
+        if y0 != self._next_row:
+            raise ConfigError(f"{self.path}: rows must come in order: got row {y0}, expected {self._next_row}")
+        row_shape = (self.width,) if self.channels == 1 else (self.width, self.channels)
+        if rows.shape[1:] != row_shape or rows.dtype != np.uint8:
+            raise ConfigError(f"{self.path}: rows must be uint8 (n, {', '.join(map(str, row_shape))}), got "
+                              f"{rows.dtype} {rows.shape}")
+        if y0 + len(rows) > self.height:
+            raise ConfigError(f"{self.path}: rows {y0}..{y0 + len(rows)} pass the image height {self.height}")
+        if self._error is not None:
+            raise self._error
+        self._next_row += len(rows)
+        i = 0
+        while i < len(rows):
+            if self._band is None:
+                n = min(self.tile, self.height - self._band_top)
+                self._band = np.empty((n,) + row_shape, np.uint8)
+                self._band_fill = 0
+            take = min(len(rows) - i, len(self._band) - self._band_fill)
+            self._band[self._band_fill:self._band_fill + take] = rows[i:i + take]
+            self._band_fill += take
+            i += take
+            if self._band_fill == len(self._band):
+                self._put((self._band_top, self._band))
+                self._band_top += len(self._band)
+                self._band = None
+
+    def close(self) -> Path:
+        """Wait until the file is complete and in place; raise what went wrong if it is not."""
+        if self._closed:
+            if self._error is not None:
+                raise self._error
+            return self.path
+        if self._next_row != self.height:
+            self.abort()
+            raise ConfigError(f"{self.path}: closed after {self._next_row} of {self.height} rows")
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.1)
+        self._closed = True
+        if self._error is not None:
+            raise self._error
+        return self.path
+
+    def abort(self) -> None:
+        """Stop the writer and delete its temporary files; the final name is never created (a no-op once
+        closed)."""
+        if self._closed:
+            return
+        self._abort.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._thread.join()
+        self._closed = True
