@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                 path = write_geojson(Path(tmp) / "t.geojson", coll)
                 write_times.append(time.perf_counter() - t0)
             size = path.stat().st_size
-        geoms = [shapely.geometry.shape(f["geometry"]) for f in coll["features"]]
+        geoms = [shapely.geometry.shape(f["geometry"]) for f in json.loads(coll)["features"]]
         cases[name] = {
             "mask_pixels": int(mask.sum()), "islands_8connected": int(islands),
             "regions_kept": info["kept"], "regions_dropped": info["dropped"], "repaired": info["repaired"],

@@ -149,3 +149,16 @@ def test_failures_are_listed_and_retried_with_one_command(tmp_path, weights, cap
     code, text = run(capsys, "--slides-from", manifest, "-o", out, "--weights", weights)
     assert code == 0, text
     assert report(out, "bad")["complete"] and not manifest.exists()
+
+
+def test_a_new_minimum_region_redoes_the_slide(tmp_path, weights, capsys):
+    rgb = np.full((256, 256, 3), 240, np.uint8)
+    rgb[40:200, 40:200] = (110, 40, 120)
+    slide = svs(tmp_path / "s.svs", rgb)
+    out = tmp_path / "out"
+    assert run(capsys, slide, "-o", out, "--weights", weights)[0] == 0
+    code, text = run(capsys, slide, "-o", out, "--weights", weights)
+    assert code == 0 and "skipped" in text
+    code, text = run(capsys, slide, "-o", out, "--weights", weights, "--min-region-um2", "1e9")
+    assert code == 0 and "skipped" not in text
+    assert report(out, "s")["tumour"]["regions"] == 0           # the one region is under a square millimetre

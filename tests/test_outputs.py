@@ -1,19 +1,22 @@
 """Output writers: streamed pyramidal TIFF read back by OpenSlide, tumour polygons and their QuPath GeoJSON,
 block means, atomic files."""
+import io
 import json
 import os
+import threading
 import uuid
 
 import numpy as np
 import openslide
 import pytest
 import shapely
+import tifffile
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from fastgicn.errors import ConfigError, SlideError
-from fastgicn.slide.outputs import (LowRes, PyramidBandWriter, atomic_path, lowres_factor, overlay_image,
-                                    remove_partials, write_json)
+from fastgicn.slide.outputs import (MAP_DEFLATE_LEVEL, LowRes, PyramidBandWriter, atomic_path, lowres_factor,
+                                    overlay_image, remove_partials, write_json)
 from fastgicn.slide.polygons import (geojson_features, mask_to_polygons, min_region_area, tumour_geojson,
                                      write_geojson)
 
@@ -183,7 +186,7 @@ def test_min_area_drops_exactly_the_regions_under_it():
     mask[13:16, 13:16] = False  # 100 - 9 = 91 pixels
     scale, mpp = 4, 0.5  # one mask pixel = 16 level-0 px = 4 um^2
     coll, info = tumour_geojson(mask, scale, mpp=mpp, min_region_um2=4 * 4)  # 4 mask pixels
-    kept = sorted(round(shape(f["geometry"]).area / scale ** 2) for f in coll["features"])
+    kept = sorted(round(shape(f["geometry"]).area / scale ** 2) for f in json.loads(coll)["features"])
     assert kept == [4, 5, 10, 91]  # a region of exactly the threshold is kept
     assert info["kept"] == 4 and info["dropped"] == 2
     assert info["dropped_area_pixels_level0"] == (1 + 3) * scale ** 2
@@ -272,7 +275,7 @@ def test_geojson_matches_qupaths_documented_format(tmp_path):
             assert f["properties"]["metadata"]["slide"] == name
             assert shape(f["geometry"]).is_valid
         assert len({f["id"] for f in data["features"]}) == len(data["features"])
-    assert json.loads(json.dumps(geojson_features(mask_to_polygons(np.zeros((3, 3), bool))))) == {
+    assert json.loads(geojson_features(mask_to_polygons(np.zeros((3, 3), bool)))) == {
         "type": "FeatureCollection", "features": []}
 
 
@@ -340,11 +343,151 @@ def test_band_writer_abort_and_errors_leave_nothing(tmp_path):
     with pytest.raises(ConfigError, match="100 of 300 rows"):
         wr.close()
     assert list(tmp_path.iterdir()) == []
-    wr = PyramidBandWriter(tmp_path / "missing" / "p.tif", 300, 300, tile=64)
-    with pytest.raises(SlideError, match="does not exist"):
-        for y in range(0, 300, 64):
-            wr.write_rows(y, np.zeros((min(64, 300 - y), 300), np.uint8))
-        wr.close()
+    with pytest.raises(SlideError, match="does not exist"):  # at once, before any row is computed
+        PyramidBandWriter(tmp_path / "missing" / "p.tif", 300, 300, tile=64)
+    with pytest.raises(ConfigError, match="compression_level=12"):
+        PyramidBandWriter(path, 300, 300, tile=64, compression_level=12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def probability_map(h, w, seed=0):
+    """Like a network's output: smooth regions of high and low probability, pixel noise, and glass (0)."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.random((h, w)), 12)
+    field = (field - field.min()) / (np.ptp(field) + 1e-9)
+    prob = 255 / (1 + np.exp(-12 * (field - 0.5))) + rng.normal(0, 6, (h, w))
+    prob[:, : w // 5] = 0  # glass: uniform tiles
+    return np.clip(np.rint(prob), 0, 255).astype(np.uint8)
+
+
+def reduce2(img, mode):
+    """2x2 reduction over the pixels that exist (an independent reference: explicit sums and counts)."""
+    oh, ow = (img.shape[0] + 1) // 2, (img.shape[1] + 1) // 2
+    total, count, votes = np.zeros((oh, ow)), np.zeros((oh, ow)), np.zeros((oh, ow))
+    for dy in (0, 1):
+        for dx in (0, 1):
+            part = img[dy::2, dx::2].astype(float)
+            total[:part.shape[0], :part.shape[1]] += part
+            votes[:part.shape[0], :part.shape[1]] += part >= 128
+            count[:part.shape[0], :part.shape[1]] += 1
+    if mode == "mean":
+        return np.floor(total / count + 0.5).astype(np.uint8)
+    return np.where(votes / count >= 0.5, 255, 0).astype(np.uint8)
+
+
+def push(writer, img, seed=0):
+    """Rows in uneven chunks, from a buffer the caller overwrites after each call (the writer copies)."""
+    rng = np.random.default_rng(seed)
+    buf = np.empty_like(img)
+    y = 0
+    while y < len(img):
+        n = min(int(rng.integers(1, 200)), len(img) - y)
+        buf[:n] = img[y:y + n]
+        writer.write_rows(y, buf[:n])
+        buf[:n] = 77
+        y += n
+    return writer.close()
+
+
+def writer_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith(("fastgicn-write", "fastgicn-encode"))]
+
+
+@pytest.mark.parametrize("mode", ["mean", "majority"])
+def test_band_writer_is_exact_at_every_level_and_the_same_bytes_with_any_pool(tmp_path, mode):
+    h, w = 901, 1237  # odd: cut tiles and cut 2x2 blocks at every level
+    img = probability_map(h, w, 3)
+    if mode == "majority":
+        img = np.where(img >= 128, 255, 0).astype(np.uint8)
+    files = {}
+    for pool in (1, 3, None):
+        path = tmp_path / f"{pool}" / "p.tif"
+        path.parent.mkdir()
+        wr = PyramidBandWriter(path, w, h, mpp=0.5, tile=128, downsample=mode, pool=pool, queue_bands=2,
+                               min_level_size=160)
+        assert push(wr, img, seed=pool or 0) == path
+        assert wr.tiles == 8 * 10 and wr.seconds > 0
+        assert [p.name for p in path.parent.iterdir()] == ["p.tif"]
+        files[pool] = path.read_bytes()
+        ideal = img
+        slide = openslide.OpenSlide(str(path))
+        try:
+            assert slide.level_dimensions == ((1237, 901), (619, 451), (310, 226), (155, 113))
+            assert [(lv.width, lv.height) for lv in wr.levels] == list(slide.level_dimensions)
+            with tifffile.TiffFile(path) as tif:
+                assert len(tif.pages) == slide.level_count
+                for k, page in enumerate(tif.pages):
+                    assert page.compression in (tifffile.COMPRESSION.DEFLATE, tifffile.COMPRESSION.ADOBE_DEFLATE)
+                    np.testing.assert_array_equal(page.asarray(), ideal, err_msg=f"tifffile level {k}")
+                    back = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]))
+                    np.testing.assert_array_equal(back[..., 0], ideal, err_msg=f"openslide level {k}")
+                    ideal = reduce2(ideal, mode)
+        finally:
+            slide.close()
+    assert files[1] == files[3] == files[None]  # deterministic: the pool only changes who encodes
+    assert writer_threads() == []
+
+
+def test_band_writer_deflate_level_is_an_argument_and_lossless(tmp_path):
+    img = probability_map(300, 420, 5)
+    sizes = {}
+    for level in sorted({1, 9, MAP_DEFLATE_LEVEL}):
+        path = tmp_path / f"l{level}.tif"
+        push(PyramidBandWriter(path, 420, 300, tile=64, compression_level=level, pool=2, min_level_size=100),
+             img)
+        for k in range(3):
+            np.testing.assert_array_equal(tifffile.imread(path, key=k), img if k == 0 else
+                                          tifffile.imread(tmp_path / "l1.tif", key=k))
+        sizes[level] = path.stat().st_size
+    assert sizes[9] < sizes[1]
+    path = tmp_path / "default.tif"
+    push(PyramidBandWriter(path, 420, 300, tile=64, pool=2, min_level_size=100), img)
+    assert path.read_bytes() == (tmp_path / f"l{MAP_DEFLATE_LEVEL}.tif").read_bytes()
+
+
+def test_the_two_maps_share_one_encoding_pool_that_ends_with_them(tmp_path):
+    a = PyramidBandWriter(tmp_path / "a.tif", 200, 100, tile=64)
+    b = PyramidBandWriter(tmp_path / "b.tif", 200, 100, tile=64)
+    assert a._executor is b._executor
+    push(a, probability_map(100, 200))
+    assert any(t.startswith("fastgicn-encode") for t in writer_threads())  # b still holds the pool
+    push(b, np.zeros((100, 200), np.uint8))
+    assert writer_threads() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]
+
+
+@pytest.mark.parametrize("pool", [1, 4, None])
+def test_band_writer_abort_mid_stream_leaves_no_thread_and_no_file(tmp_path, pool):
+    h, w = 2000, 1500
+    img = probability_map(h, w, 1)
+    wr = PyramidBandWriter(tmp_path / "p.tif", w, h, tile=128, pool=pool, queue_bands=2)
+    for y in range(0, 1000, 100):
+        wr.write_rows(y, img[y:y + 100])
+    wr.abort()
+    assert writer_threads() == []
+    assert list(tmp_path.iterdir()) == []
+    wr.abort()  # twice is harmless
+    with pytest.raises(ConfigError, match="after close"):
+        wr.write_rows(1000, img[1000:1100])
+
+
+@pytest.mark.parametrize("pool", [1, 3])
+def test_band_writer_disk_full_raises_slide_error_and_leaves_nothing(tmp_path, monkeypatch, pool):
+    from test_pyramid_tiff import _DiskFullAfter
+    from fastgicn.slide import pyramid_tiff
+
+    monkeypatch.setattr(pyramid_tiff, "_open_output",
+                        lambda p: io.BufferedWriter(_DiskFullAfter(p, 50_000), buffer_size=4096))
+    path = tmp_path / "prob.tif"
+    path.write_bytes(b"previous complete file")
+    img = probability_map(700, 900, 2)
+    wr = PyramidBandWriter(path, 900, 700, tile=128, pool=pool)
+    with pytest.raises(SlideError, match=r"disk full while writing .*prob\.tif"):
+        push(wr, img)  # from write_rows or close, whichever comes after the writer fails
+    wr.abort()
+    assert path.read_bytes() == b"previous complete file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prob.tif"]
+    assert writer_threads() == []
 
 
 def test_atomic_files(tmp_path):

@@ -256,11 +256,13 @@ def ensure_out_dir(out_dir) -> Path:
     return out_dir
 
 
-def run_fingerprint(slide, model_fp: str, config: TileConfig, stitch: str, truth=None) -> str:
-    """What decides whether existing outputs can be kept: model, config, stitch mode, slide and truth files."""
+def run_fingerprint(slide, model_fp: str, config: TileConfig, stitch: str, truth=None, options=None) -> str:
+    """What decides whether existing outputs can be kept: model, config, stitch mode, slide and truth contents,
+    and the `options` that change an output (the GeoJSON's minimum region, the MPP given)."""
     h = hashlib.sha256()
     parts = {"model": model_fp, "config": config.to_dict(), "stitch": stitch, "format": REPORT_FORMAT,
-             "slide": _content(slide), "truth": None if truth is None else _content(truth)}
+             "slide": _content(slide), "truth": None if truth is None else _content(truth),
+             "options": options or {}}
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -653,7 +655,9 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
     for i, (slide, truth) in enumerate(zip(slides, truths)):
         label = f"[{i + 1}/{len(slides)}] {slide}"
         try:
-            fp = run_fingerprint(slide, model_fp, config, stitch, truth)
+            fp = run_fingerprint(slide, model_fp, config, stitch, truth,
+                                 {k: kwargs.get(k) for k in ("min_region_um2", "min_region_pixels", "mpp")
+                                  if kwargs.get(k) is not None})
         except OSError as exc:
             what = "truth mask" if truth is not None and str(exc.filename) == str(truth) else "slide"
             fail(label, slide, f"{what} {exc.filename or slide} cannot be read ({exc.strerror or exc}): check the path")
