@@ -49,7 +49,7 @@ def fragmented_tile(side: int, seed: int = 0) -> np.ndarray:
 
 
 def run_once(slide, model, config, out_dir, threads):
-    from fastgicn.slide import segment_slide
+    from fastgicn import segment_slide
 
     res = segment_slide(slide, out_dir, model, config, "cpu", threads=threads, progress=False,
                         min_region_um2=0)

@@ -18,6 +18,15 @@ Three parts, each measurement in its own child process (peak RSS is per process)
 
     python bench/bench_pipeline.py                       # all three, ~10-15 minutes on 2 CPU cores
     python bench/bench_pipeline.py --parts sparse --sparse-sizes 20000 100000
+    python bench/bench_pipeline.py --parts host      # issue 9: host ceiling -> bench/results/pipeline_host_cpu.json
+
+4. ``host`` (issue 9, its own JSON: bench/results/pipeline_host_cpu.json or --host-json; not in the default
+   parts): the host ceiling. A zero-cost model (`fastgicn.bench.ZeroCostModel`: constant logits, mean/std
+   buffers) runs the whole flow (`segment_slide`, every output) on synthetic slides at 0.5 um/px, an Aperio
+   1/4/16 one (level 0 box-reduced 2x) and a power-of-two one, against the raw decode (`read_into` from the
+   same number of threads, no model) of the same candidate tiles, interleaved rounds in one process: tiles/s,
+   their ratio (target >= 0.5), the report's seconds per stage; then the demo model end to end against
+   model-only (normalise + forward on the same batches) on the first slide. `--quick` runs it in seconds.
 
 Model: the demo weights when installed (their tile config: 256-pixel tiles, overlap 32, 0.5 um/px), else a
 randomly initialised resnet50_gicn_gpp(width=0.125) with the same tile config. Results: bench/results/
@@ -45,7 +54,7 @@ def _model(weights: str | None):
 
     from fastgicn.config import TileConfig
     from fastgicn.models import create_model
-    from fastgicn.slide.pipeline import DEMO_WEIGHTS
+    from fastgicn.pipeline import DEMO_WEIGHTS
     from fastgicn.train import load_checkpoint, model_from_checkpoint
 
     path = Path(weights) if weights else DEMO_WEIGHTS
@@ -112,7 +121,7 @@ def sparse_slide_class():
 # children
 
 def child_real(args) -> dict:
-    from fastgicn.slide.pipeline import peak_rss_mb, segment_slide
+    from fastgicn.pipeline import peak_rss_mb, segment_slide
 
     model, config, weights = _model(args.weights)
     rss0 = status_kib("VmRSS")
@@ -132,9 +141,10 @@ def child_real(args) -> dict:
 
 def child_read(args) -> dict:
     from fastgicn.config import TileConfig
-    from fastgicn.slide import open_slide, tissue_tiles
-    from fastgicn.slide.batches import BatchRing
-    from fastgicn.slide.grid import read_level_for
+    from fastgicn.slide import open_slide
+    from fastgicn.tiling import tissue_tiles
+    from fastgicn.tiling.batches import BatchRing
+    from fastgicn.tiling.grid import read_level_for
 
     # level 0 and the paper's 512-pixel tiles: the most pixels per tile OpenSlide decodes
     config = TileConfig(tile_size=args.read_tile, level=0, batch_size=8)
@@ -164,7 +174,7 @@ def child_read(args) -> dict:
 
 
 def child_sparse(args) -> dict:
-    from fastgicn.slide.pipeline import peak_rss_mb, segment_slide
+    from fastgicn.pipeline import peak_rss_mb, segment_slide
     from fastgicn.synth import SyntheticSlide
 
     model, config, weights = _model(args.weights)
@@ -197,6 +207,55 @@ def child_sparse(args) -> dict:
             "summary_downsample": rep["memory"]["summary_downsample"],
             "rss_mb": {"before_segment": rss0 / 1024, "peak_sampled": sampler.peak_kib / 1024,
                        "ru_maxrss": peak_rss_mb(), "samples": sampler.samples}}
+
+
+def child_host(args) -> dict:
+    """Issue 9's host ceiling: the whole flow with a zero-cost model against raw decode of the same tiles (per
+    layout), then the real demo model end to end against model-only (fastgicn.bench's functions)."""
+    import torch
+
+    from fastgicn import bench
+    from fastgicn.config import TileConfig
+
+    out = {"load_average_start": bench._load_average(), "torch_threads": torch.get_num_threads()}
+    config = TileConfig(tile_size=args.host_tile, target_mpp=0.5, batch_size=args.host_batch)
+    out["zero_cost"] = {}
+    work = Path(tempfile.mkdtemp(dir=args.tmp, prefix="fastgicn-host-"))
+    try:
+        for layout in args.layouts:
+            t0 = time.perf_counter()
+            slide = bench.write_bench_slide(work / f"host_{layout}.svs", args.host_side, layout)
+            written = time.perf_counter() - t0
+            r = bench.host_ceiling(slide, config, threads=args.threads, repeats=args.repeats, work_dir=work)
+            out["zero_cost"][layout] = {"slide_side": args.host_side, "write_seconds": written,
+                                        "bytes": slide.stat().st_size, **r}
+            if layout == args.layouts[0] and not args.no_real_model:
+                out["real_model"] = real_model_ratio(args, slide, work)
+            slide.unlink()
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    out["load_average_end"] = bench._load_average()
+    return out
+
+
+def real_model_ratio(args, slide, work) -> dict:
+    from fastgicn import bench
+    from fastgicn.config import TileConfig
+
+    try:
+        from fastgicn.pipeline import load_model
+
+        loaded = load_model(args.weights)
+    except Exception as exc:  # no demo weights installed
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+    model, payload, path = loaded if isinstance(loaded, tuple) else (loaded, {}, args.weights)
+    config = TileConfig.from_dict(payload["tile_config"]) if payload.get("tile_config") else \
+        TileConfig(tile_size=256, overlap=32, target_mpp=0.5, batch_size=8)
+    return {"available": True, **bench.model_only_ratio(slide, model, config, threads=args.threads,
+                                                        repeats=args.repeats, work_dir=work, weights=path,
+                                                        device=args.device)}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -232,8 +291,21 @@ def machine() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--child", choices=["real", "read", "sparse"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--parts", nargs="+", choices=["real", "read", "sparse"], default=["real", "read", "sparse"])
+    p.add_argument("--child", choices=["real", "read", "sparse", "host"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parts", nargs="+", choices=["real", "read", "sparse", "host"],
+                   default=["real", "read", "sparse"],
+                   help="host: issue 9's host ceiling (its own JSON, --host-json); run it alone: --parts host")
+    p.add_argument("--host-side", type=int, default=12288,
+                   help="host ceiling: level-0 side of each synthetic slide (0.25 um/px)")
+    p.add_argument("--host-tile", type=int, default=512, help="host ceiling: tile side at 0.5 um/px")
+    p.add_argument("--host-batch", type=int, default=8, help="host ceiling: batch size")
+    p.add_argument("--layouts", nargs="+", choices=["aperio", "pow2"], default=["aperio", "pow2"],
+                   help="host ceiling: slide layouts (aperio: level 0 reduced 2x; pow2: a stored 2x level)")
+    p.add_argument("--device", default="cpu", help="host ceiling: device of the demo model's ratio (cpu, cuda)")
+    p.add_argument("--no-real-model", action="store_true", help="host ceiling: skip the demo model's ratio")
+    p.add_argument("--quick", action="store_true",
+                   help="host ceiling in seconds (2048-pixel slides, 256 tiles, 1 round): a smoke test")
+    p.add_argument("--host-json", type=Path, default=ROOT / "bench" / "results" / "pipeline_host_cpu.json")
     p.add_argument("--real-sizes", type=int, nargs="+", default=[20000, 40000],
                    help="sides of the dense synthetic SVS files (level-0 pixels); the reader bench uses the first")
     p.add_argument("--sparse-sizes", type=parse_size, nargs="+",
@@ -261,11 +333,22 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.torch_threads)
-        result = {"real": child_real, "read": child_read, "sparse": child_sparse}[args.child](args)
+        result = {"real": child_real, "read": child_read, "sparse": child_sparse,
+                  "host": child_host}[args.child](args)
         print(json.dumps(result))
         return
 
+    if args.quick:
+        args.host_side, args.host_tile, args.repeats = min(args.host_side, 2048), min(args.host_tile, 256), 1
+    if args.torch_threads is None and os.getloadavg()[0] > (os.cpu_count() or 1):
+        args.torch_threads = 1  # torch's OpenMP threads stall when other processes keep the cores busy
     started = time.time()
+    if "host" in args.parts:
+        host_main(args, started)
+        args.parts = [p for p in args.parts if p != "host"]
+        if not args.parts:
+            return
+        started = time.time()
     record = {"what": "whole-slide pipeline on CPU: seconds per stage, tiles/s, peak RSS, reader throughput",
               "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "machine": machine(), "parts": {}}
@@ -333,6 +416,34 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {args.json} ({record['total_seconds']:.0f} s)")
+
+
+def host_main(args, started: float) -> None:
+    argv = ["host", "--threads", str(args.threads), "--repeats", str(args.repeats), "--host-side",
+            str(args.host_side), "--host-tile", str(args.host_tile), "--host-batch", str(args.host_batch),
+            "--layouts", *args.layouts, "--device", args.device] + (["--no-real-model"] if args.no_real_model else []) + \
+        (["--torch-threads", str(args.torch_threads)] if args.torch_threads else []) + \
+        (["--weights", args.weights] if args.weights else []) + (["--tmp", args.tmp] if args.tmp else [])
+    record = {"what": "host ceiling (issue 9): the whole flow with a zero-cost model vs raw decode of the same tiles "
+                      "at the same reader threads, seconds per stage, and the demo model's end-to-end / model-only",
+              "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+              "machine": machine(), "goal": {"host_ceiling_ratio": 0.5}}
+    record["host"] = run_child(argv, args.timeout)
+    record["total_seconds"] = time.time() - started
+    args.host_json.parent.mkdir(parents=True, exist_ok=True)
+    args.host_json.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    h = record["host"]
+    if "error" in h:
+        print(f"  host ceiling failed: {h['error'][-800:]}", flush=True)
+    for layout, r in h.get("zero_cost", {}).items():
+        print(f"  host ceiling {layout}: flow {r['flow_tiles_per_s']:.1f} tiles/s vs decode "
+              f"{r['decode_tiles_per_s']:.1f} tiles/s = {r['ratio']:.3f} (loop alone {r['ratio_loop']:.3f}); "
+              f"{r['candidate_tiles']} tiles, {args.threads} threads", flush=True)
+    m = h.get("real_model")
+    if m and m.get("available"):
+        print(f"  demo model: end to end {m['end_to_end_tiles_per_s']:.1f} tiles/s vs model-only "
+              f"{m['model_only_tiles_per_s']:.1f} = {m['ratio']:.3f}", flush=True)
+    print(f"wrote {args.host_json} ({record['total_seconds']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import fastgicn
-from fastgicn.slide import stitch as current
+from fastgicn.tiling import stitch as current
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("crop", 0), ("crop", 64), ("blend", 0), ("blend", 32), ("blend", 64)]

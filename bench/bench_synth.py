@@ -28,7 +28,7 @@ def child(size: int, seed: int, fmt: str, out_dir: Path, keep: bool) -> dict:
     import numpy as np
     import openslide
 
-    from fastgicn.slide import pyramid_tiff
+    from fastgicn.outputs import tiff as pyramid_tiff
     from fastgicn.synth import write_synthetic_slide
 
     timings: list[float] = []

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_tiler import _context, _write  # noqa: E402
 
-from fastgicn.slide.outputs import MAP_DEFLATE_LEVEL, PyramidBandWriter  # noqa: E402
+from fastgicn.outputs.files import MAP_DEFLATE_LEVEL, PyramidBandWriter  # noqa: E402
 
 TILE = 512
 
@@ -49,7 +49,7 @@ def probability_map(side: int, seed: int = 0) -> np.ndarray:
 
 
 def load_baseline(rev: str):
-    """`fastgicn.slide.pyramid_tiff` as it was at `rev`, imported under another name."""
+    """`fastgicn.outputs.tiff` as it was at `rev`, imported under another name."""
     source = subprocess.run(["git", "show", f"{rev}:fastgicn/slide/pyramid_tiff.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     tmp = Path(tempfile.mkdtemp()) / "baseline_pyramid_tiff.py"

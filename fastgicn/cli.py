@@ -37,9 +37,9 @@ it); a different slide with the same file name is refused rather than written ov
 results (--force replaces them). A slide with no tissue gets empty outputs, a warning line and
 tissue.found = false in its report. Failed slides are listed in OUTDIR/fastgicn_failures.tsv: retry them
 with --slides-from OUTDIR/fastgicn_failures.tsv. Ctrl-C or SIGTERM removes the slide's partial files and
-keeps finished slides: run the same command to resume. Exit status: 0 every slide done (with or without
-tissue) or skipped, 1 a slide failed, 2 an error in the arguments or setup (one line on stderr), 130
-Ctrl-C, 143 SIGTERM.
+keeps finished slides: run the same command to resume.
+Exit status: 0 every slide done (with or without tissue) or skipped, 1 a slide failed, 2 an error in the
+arguments or setup (one line on stderr), 130 Ctrl-C, 143 SIGTERM.
 """
 
 
@@ -170,7 +170,7 @@ def cmd_segment(args) -> int:
 
 def _segment(args, slides, truths, log) -> int:
     from .config import TileConfig
-    from .slide.pipeline import DEMO_SIZE, demo_slide, ensure_out_dir, load_model, segment_slides
+    from .pipeline import DEMO_SIZE, demo_slide, ensure_out_dir, load_model, segment_slides
 
     model, payload, weights = load_model(args.weights, args.device)
     values = dict(payload.get("tile_config") or {})

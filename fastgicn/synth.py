@@ -842,7 +842,7 @@ def write_synthetic_slide(out_path, width: int, height: int, seed: int = 0, fmt:
         raise SlideError(f"cannot write {out_path}: directory {directory} does not exist; create it first")
     if not os.access(directory, os.W_OK):
         raise SlideError(f"cannot write {out_path}: directory {directory} is not writable; choose another")
-    from .slide.pyramid_tiff import write_pyramid  # noqa: PLC0415 (keeps `import fastgicn.synth` light)
+    from .outputs.tiff import write_pyramid  # noqa: PLC0415 (keeps `import fastgicn.synth` light)
 
     slide = SyntheticSlide(width, height, seed, mpp)
     mask_path = mask_path_for(out_path)

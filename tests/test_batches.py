@@ -7,8 +7,8 @@ import pytest
 
 from fastgicn.errors import SlideError
 from fastgicn.slide import open_slide
-from fastgicn.slide.batches import BatchRing, iterate_batches
-from fastgicn.slide.grid import tile_grid
+from fastgicn.tiling.batches import BatchRing, iterate_batches
+from fastgicn.tiling.grid import tile_grid
 
 
 def reader_threads():
@@ -138,7 +138,7 @@ def test_empty_grid_and_pinning_off_without_cuda():
 
 
 def test_opens_slide_files_with_shared_or_per_thread_handles(tmp_path):
-    from fastgicn.slide.pyramid_tiff import write_pyramid
+    from fastgicn.outputs.tiff import write_pyramid
 
     img = glass_and_tissue(300, 420, seed=4)[:256, :320].copy()
     path = tmp_path / "s.tif"

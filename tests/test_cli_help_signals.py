@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastgicn.cli import build_parser
-from fastgicn.slide.pipeline import DEMO_SIZE, DEMO_WEIGHTS, OUTPUT_SUFFIXES
+from fastgicn.pipeline import DEMO_SIZE, DEMO_WEIGHTS, OUTPUT_SUFFIXES
 from fastgicn.synth import write_synthetic_slide
 
 

@@ -11,7 +11,7 @@ from fastgicn.cli import main
 from fastgicn.config import TileConfig
 from fastgicn.models import register_model
 from fastgicn.models.registry import list_models
-from fastgicn.slide.pipeline import DEMO_WEIGHTS
+from fastgicn.pipeline import DEMO_WEIGHTS
 from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import save_checkpoint
 
@@ -127,7 +127,7 @@ def test_demo_weights_segment_the_synthetic_slide(tmp_path):
 
 def test_torch_threads_is_set_for_the_run_and_restored(tmp_path, checkpoint, monkeypatch):
     seen = []
-    from fastgicn.slide import pipeline
+    from fastgicn import pipeline
 
     real = pipeline.segment_slides
 

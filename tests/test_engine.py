@@ -254,9 +254,9 @@ def test_segment_slide_hands_the_backend_to_the_pipeline(reference, monkeypatch,
         x = torch.from_numpy(pixels(2, config.tile_size, config.tile_size, 0))
         return model.forward(x)  # the pipeline calls forward(uint8 batch on the device) -> logits
 
-    fake = types.ModuleType("fastgicn.slide.pipeline")
+    fake = types.ModuleType("fastgicn.pipeline")
     fake.segment_slide = segment_slide
-    monkeypatch.setitem(sys.modules, "fastgicn.slide.pipeline", fake)
+    monkeypatch.setitem(sys.modules, "fastgicn.pipeline", fake)
     monkeypatch.setattr(slide_pkg, "pipeline", fake, raising=False)
     logits = reference.segment_slide(tmp_path / "s.svs", tmp_path / "out", progress=False)
     assert calls["model"] is reference.backend and calls["model"].model_name == "resnet50_gicn_gpp"
@@ -267,7 +267,7 @@ def test_segment_slide_hands_the_backend_to_the_pipeline(reference, monkeypatch,
 
 
 def test_segment_slide_runs_the_real_pipeline_on_a_synthetic_slide(reference, tmp_path):
-    import fastgicn.slide.pipeline as pipeline
+    import fastgicn.pipeline as pipeline
     import fastgicn.synth as synth
     slide, _ = synth.write_synthetic_slide(tmp_path / "s.tif", 256, 192, seed=2)
     result = reference.segment_slide(slide, tmp_path / "out", progress=False)

@@ -7,8 +7,8 @@ import pytest
 
 from fastgicn.config import TileConfig
 from fastgicn.errors import ConfigError
-from fastgicn.slide import (TissueMask, grid_shape, keep_tile, open_slide, read_level_for, tile_grid,
-                            tiles_touching_mask, tissue_tiles)
+from fastgicn.slide import TissueMask, open_slide
+from fastgicn.tiling import grid_shape, keep_tile, read_level_for, tile_grid, tiles_touching_mask, tissue_tiles
 from slide_fixtures import he_like, write_pyramid
 
 

@@ -15,9 +15,9 @@ from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from fastgicn.errors import ConfigError, SlideError
-from fastgicn.slide.outputs import (MAP_DEFLATE_LEVEL, LowRes, PyramidBandWriter, atomic_path, lowres_factor,
+from fastgicn.outputs.files import (MAP_DEFLATE_LEVEL, LowRes, PyramidBandWriter, atomic_path, lowres_factor,
                                     overlay_image, remove_partials, write_json)
-from fastgicn.slide.polygons import (geojson_features, mask_to_polygons, min_region_area, tumour_geojson,
+from fastgicn.outputs.polygons import (geojson_features, mask_to_polygons, min_region_area, tumour_geojson,
                                      write_geojson)
 
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity: OpenCV's regions
@@ -474,7 +474,7 @@ def test_band_writer_abort_mid_stream_leaves_no_thread_and_no_file(tmp_path, poo
 @pytest.mark.parametrize("pool", [1, 3])
 def test_band_writer_disk_full_raises_slide_error_and_leaves_nothing(tmp_path, monkeypatch, pool):
     from test_pyramid_tiff import _DiskFullAfter
-    from fastgicn.slide import pyramid_tiff
+    from fastgicn.outputs import tiff as pyramid_tiff
 
     monkeypatch.setattr(pyramid_tiff, "_open_output",
                         lambda p: io.BufferedWriter(_DiskFullAfter(p, 50_000), buffer_size=4096))

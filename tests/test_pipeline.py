@@ -18,9 +18,9 @@ from fastgicn.config import TileConfig
 from fastgicn.errors import ConfigError
 from fastgicn.models import create_model
 from fastgicn.models.metrics import dice_score
-from fastgicn.slide.pipeline import (DEMO_WEIGHTS, Progress, output_paths, outputs_complete, segment_slide,
+from fastgicn.pipeline import (DEMO_WEIGHTS, Progress, output_paths, outputs_complete, segment_slide,
                                      segment_slides)
-from fastgicn.slide.pyramid_tiff import write_pyramid
+from fastgicn.outputs.tiff import write_pyramid
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from fastgicn.errors import ConfigError, SlideError
-from fastgicn.slide import pyramid_tiff
-from fastgicn.slide.pyramid_tiff import pyramid_sizes, write_pyramid
+from fastgicn.outputs import tiff as pyramid_tiff
+from fastgicn.outputs.tiff import pyramid_sizes, write_pyramid
 
 
 def reference_reduce(img: np.ndarray, mode: str) -> np.ndarray:

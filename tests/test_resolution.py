@@ -8,7 +8,8 @@ import tifffile
 
 from fastgicn.config import TileConfig
 from fastgicn.errors import ConfigError
-from fastgicn.slide import Resolution, open_slide, tile_grid, tissue_tiles
+from fastgicn.slide import Resolution, open_slide
+from fastgicn.tiling import tile_grid, tissue_tiles
 from fastgicn.slide.resolution import area_span
 from slide_fixtures import APERIO_DESCRIPTION, he_like
 

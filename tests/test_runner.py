@@ -159,7 +159,7 @@ def test_a_model_error_propagates_and_leaves_no_thread():
 
 def test_a_model_error_in_segment_slide_leaves_no_thread_or_file(tmp_path):
     from fastgicn.config import TileConfig
-    from fastgicn.slide.pipeline import segment_slide
+    from fastgicn.pipeline import segment_slide
 
     img = np.random.default_rng(0).integers(0, 200, (200, 260, 3), dtype=np.uint8)
     with pytest.raises(RuntimeError, match="model failed"):

@@ -4,7 +4,7 @@ import pytest
 from scipy import ndimage
 
 from fastgicn.errors import ConfigError
-from fastgicn.slide.stitch import Stitcher, ramp, stitch_to_array
+from fastgicn.tiling.stitch import Stitcher, ramp, stitch_to_array
 
 
 def regular_grid(width, height, tile, overlap):

@@ -8,7 +8,7 @@ from test_pipeline import LocalModel, read_tiff, tissue_image
 from fastgicn.config import TileConfig
 from fastgicn.engine.streaming import TileStream
 from fastgicn.errors import ConfigError
-from fastgicn.slide.stitch import stitch_to_array
+from fastgicn.tiling.stitch import stitch_to_array
 
 
 def fake_predict(tiles: np.ndarray) -> np.ndarray:
@@ -186,7 +186,7 @@ def test_downsample_maps_level0_positions_to_read_level_regions():
 def test_stream_equals_segment_slide_on_the_same_tiles(tmp_path, stitch):
     """The streaming API and the whole-slide pipeline stitch the same model's tiles to the same map."""
     from fastgicn.models.preprocess import to_model_input
-    from fastgicn.slide.pipeline import segment_slide
+    from fastgicn.pipeline import segment_slide
 
     h, w, tile, overlap = 211, 300, 64, 8
     img = tissue_image(h, w)

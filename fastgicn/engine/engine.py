@@ -4,7 +4,7 @@
     print(engine.describe())                             # which backend, why, and what fell back
     labels = engine.predict(tiles_uint8_nhwc, output="labels")
     stream = engine.stream(width=l0_w, height=l0_h)       # scanner pipelines: see fastgicn.engine.streaming
-    engine.segment_slide("slide.svs", "out/")             # the whole-slide pipeline (fastgicn.slide.pipeline)
+    engine.segment_slide("slide.svs", "out/")             # the whole-slide pipeline (fastgicn.pipeline)
 
 `auto` tries, in order, the backends that are fastest on the device (GPU: tensorrt, compiled, onnxruntime,
 torch; CPU: onnxruntime, torch - see AUTO_ORDER for the reasons), builds each for the tile size, checks one
@@ -59,7 +59,7 @@ def _load_model(model_or_checkpoint) -> tuple[nn.Module, dict]:
                 raise ConfigError(f"model {type(model).__name__} has no `{name}`: build it with "
                                   "fastgicn.models.create_model or load a checkpoint")
         return reference_copy(model).cpu().eval(), {}
-    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
 
     if isinstance(model_or_checkpoint, dict):
         payload = model_or_checkpoint
@@ -281,7 +281,7 @@ class Engine:
                           batch_size=batch_size or self.batch_size, num_classes=self.num_classes)
 
     def segment_slide(self, path, out_dir, **kwargs):
-        """Segment a whole slide through `fastgicn.slide.pipeline.segment_slide` with this engine's backend.
+        """Segment a whole slide through `fastgicn.pipeline.segment_slide` with this engine's backend.
 
         The pipeline takes, as its `model`, any object with `forward(uint8 batch on the device) -> logits`:
         that is this engine's backend, so reading, tiling, stitching and writing are the pipeline's and the
@@ -290,7 +290,7 @@ class Engine:
         Returns the pipeline's SlideResult (its `report` holds seconds per stage).
         """
         from ..config import TileConfig
-        from ..slide.pipeline import segment_slide
+        from ..pipeline import segment_slide
 
         config = kwargs.pop("config", None)
         if config is None:

@@ -168,7 +168,7 @@ def export_tensorrt(model: nn.Module, path, *, size=512, precision: str = "fp16"
 def export_checkpoint(checkpoint, out, *, fmt: str = "onnx", size: int | None = None, precision: str | None = None,
                       batch_size: int | None = None, opset: int = DEFAULT_OPSET) -> Path:
     """`fastgicn export`: the model a checkpoint describes -> ONNX file or TensorRT plan."""
-    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
 
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload, "cpu")

@@ -1,7 +1,7 @@
 """Streaming segmentation for scanner pipelines: tiles in as they are scanned, finished mask regions out.
 
 A scanner (or any producer) pushes tiles with their level-0 position in any order; tiles are batched for the
-engine; the predictions go to the stitcher of the whole-slide pipeline (`fastgicn.slide.stitch.Stitcher`, the
+engine; the predictions go to the stitcher of the whole-slide pipeline (`fastgicn.tiling.stitch.Stitcher`, the
 one stitcher of the code base: ``"blend"`` by default, or ``"crop"``, exactly as `segment_slide` stitches), and
 a region is handed back as soon as no tile still to come can touch it (tiles declared skipped, e.g. glass the
 scanner did not image, count as predicting background). The result does not depend on arrival order.
@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError
-from ..slide.stitch import MODES, Stitcher
+from ..tiling.stitch import MODES, Stitcher
 
 _UNSEEN, _QUEUED, _DONE, _SKIPPED = 0, 1, 2, 3
 

@@ -83,7 +83,7 @@ class SlideSource:
     def tissue_positions(self, size: int, downsample: int, white_threshold: int) -> np.ndarray:
         """Level-0 origins of whole patches that hold tissue (low-res prefilter, then any non-glass pixel)."""
         from ..config import TileConfig
-        from ..slide import tissue_tiles
+        from ..tiling import tissue_tiles
 
         config = TileConfig(tile_size=size, min_tissue_fraction=0.0, tissue_prefilter=True,
                             white_threshold=white_threshold)

@@ -15,7 +15,7 @@ from ..config import TileConfig
 from ..errors import ConfigError
 from ..models import GicnLoss, create_model
 from ..models.preprocess import to_model_input
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .dataset import PatchDataset, augment
 from .schedules import make_schedule
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .outputs import TUMOR_CLASS, TUMOR_COLOR, atomic_path
+from .files import TUMOR_CLASS, TUMOR_COLOR, atomic_path
 
 # Without an MPP, regions are filtered by level-0 pixels: 1600 px is 100 um^2 at 0.25 um/px (40x).
 DEFAULT_MIN_REGION_UM2 = 100.0  # about one tumour cell (10-12 um across); smaller specks are noise

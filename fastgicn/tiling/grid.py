@@ -29,9 +29,9 @@ from scipy import ndimage
 
 from ..config import TileConfig
 from ..errors import ConfigError
-from .reader import Slide
-from .resolution import Resolution, stored
-from .tissue import TissueMask, tissue_mask
+from ..slide.reader import Slide
+from ..slide.resolution import Resolution, stored
+from ..slide.tissue import TissueMask, tissue_mask
 
 __all__ = ["tile_grid", "grid_shape", "read_level_for", "read_resolution_for", "keep_tile", "real_pixels", "tiles_touching_mask",
            "tile_background", "tissue_tiles"]

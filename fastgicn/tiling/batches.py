@@ -29,7 +29,7 @@ import torch
 from ..config import PAPER_WHITE_THRESHOLD
 from ..errors import ConfigError
 from .grid import keep_tile, real_pixels
-from .resolution import Resolution
+from ..slide.resolution import Resolution
 
 _FREE, _FILLING, _READY, _IN_USE = range(4)
 

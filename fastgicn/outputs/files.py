@@ -1,12 +1,12 @@
 """What a segmented slide leaves behind, each file written under a temporary name and renamed when complete.
 
 - `PyramidBandWriter`: a pyramidal tiled TIFF (uint8, one channel) fed a band of rows at a time, as the stitcher
-  finishes them: `fastgicn.slide.pyramid_tiff.PyramidWriter` with the maps' deflate level; tiles are encoded
+  finishes them: `fastgicn.outputs.tiff.PyramidWriter` with the maps' deflate level; tiles are encoded
   by a pool of threads shared by both maps, so the stitched image is never held whole and compression keeps
   up with the network.
 - `LowRes`: block averages of the stitched rows at a reduced scale, for polygons, the overlay and areas.
 - `write_overlay_png`, `write_json`: atomic small-file writers. The tumour polygons and their GeoJSON are in
-  `fastgicn.slide.polygons` (OpenCV contours, valid under shapely).
+  `fastgicn.outputs.polygons` (OpenCV contours, valid under shapely).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import ConfigError, SlideError
-from .pyramid_tiff import PyramidWriter
+from .tiff import PyramidWriter
 
 TUMOR_CLASS = "Tumor"
 TUMOR_COLOR = (200, 0, 0)  # QuPath's default red for "Tumor"
@@ -101,7 +101,7 @@ class PyramidBandWriter(PyramidWriter):
 
     `write_rows(y0, rows)` takes the next rows (y0 must follow the previous call); `close()` waits for the file
     to be complete and renamed into place; `abort()` discards it. Tiles are encoded by `pool` (None: the pool
-    shared by every writer open at once, sized to the usable cores; see `fastgicn.slide.pyramid_tiff`).
+    shared by every writer open at once, sized to the usable cores; see `fastgicn.outputs.tiff`).
     `downsample` is "mean" for probabilities and "majority" for 0/255 labels; `compression_level` the deflate
     level (default `MAP_DEFLATE_LEVEL`). Memory: about ``(queue_bands + 3) * tile * width`` bytes;
     `write_rows` blocks while the writer is behind.

@@ -37,16 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TileConfig
-from ..engine.base import resolve_device
-from ..engine.runner import TUMOUR_CLASS, DeviceRunner  # noqa: F401 (TUMOUR_CLASS: re-exported)
-from ..errors import ConfigError, FastGicnError
-from .batches import BatchRing
-from .outputs import LowRes, PyramidBandWriter, lowres_factor, remove_partials, write_json, write_overlay_png
-from .polygons import (DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area, tumour_geojson,
+from .config import TileConfig
+from .engine.base import resolve_device
+from .engine.runner import TUMOUR_CLASS, DeviceRunner  # noqa: F401 (TUMOUR_CLASS: re-exported)
+from .errors import ConfigError, FastGicnError
+from .tiling.batches import BatchRing
+from .outputs.files import LowRes, PyramidBandWriter, lowres_factor, remove_partials, write_json, write_overlay_png
+from .outputs.polygons import (DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area, tumour_geojson,
                        write_geojson)
-from .stitch import Stitcher
-from ..naming import FAILURES_NAME, OUTPUT_SUFFIXES, output_paths, slide_identity, slide_stem  # noqa: F401
+from .tiling.stitch import Stitcher
+from .naming import FAILURES_NAME, OUTPUT_SUFFIXES, output_paths, slide_identity, slide_stem  # noqa: F401
 
 REPORT_FORMAT = "fastgicn-segment-report-1"
 
@@ -105,7 +105,7 @@ class _TruthDice:
     CHUNK = 8192
 
     def __init__(self, truth, slide, downsample: float, width: int):
-        from .reader import open_slide
+        from .slide.reader import open_slide
 
         self.path = truth if not isinstance(truth, np.ndarray) else "array"
         if isinstance(truth, np.ndarray) and truth.ndim == 2:
@@ -116,7 +116,7 @@ class _TruthDice:
             raise ConfigError(f"truth mask {self.path} is {self.reader.dimensions[0]}x{self.reader.dimensions[1]} "
                               f"but the slide is {slide.dimensions[0]}x{slide.dimensions[1]}: the mask must be "
                               "aligned with the slide's level 0")
-        from .resolution import resolution_at
+        from .slide.resolution import resolution_at
 
         # the mask at the output's resolution: a level at that downsample, or a finer one box-reduced (a
         # 0/255 mask's mean is > 127 where at least half of the block is tumour)
@@ -151,7 +151,7 @@ class _TruthDice:
 def model_fingerprint(model) -> str:
     """sha256 of the model's name, kwargs, normalisation and weights (what makes two runs' outputs equal);
     `model` is a torch module or an engine backend holding one as `.model`."""
-    from ..engine.base import model_fingerprint as module_fingerprint
+    from .engine.base import model_fingerprint as module_fingerprint
 
     module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
     if not isinstance(module, torch.nn.Module):
@@ -319,16 +319,16 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
     and what it dropped. Returns a SlideResult whose `report` is what the JSON report holds.
     Raises SlideError / ConfigError naming the file or value at fault; partial outputs are removed.
     """
-    from .. import __version__
-    from .grid import read_resolution_for, tissue_tiles
-    from .reader import Slide, open_slide
-    from .tissue import tissue_mask
+    from . import __version__
+    from .tiling.grid import read_resolution_for, tissue_tiles
+    from .slide.reader import Slide, open_slide
+    from .slide.tissue import tissue_mask
 
     config = config or TileConfig()
     if not isinstance(config, TileConfig):
         raise ConfigError(f"config must be a TileConfig, got {type(config).__name__}")
     if threads is None:
-        from ..cpus import default_reader_threads
+        from .cpus import default_reader_threads
 
         threads = default_reader_threads()
     if stitch not in ("crop", "blend"):
@@ -546,7 +546,7 @@ def demo_slide(out_dir, size: tuple[int, int] = DEMO_SIZE, seed: int = 0, log=No
     """OUT_DIR/synthetic_demo.svs and its ground-truth mask, made once and reused while both exist (the
     writer renames complete files into place, so an existing file is a complete one). A different size or
     seed than the existing one makes a new slide named after them."""
-    from ..synth import write_synthetic_slide
+    from .synth import write_synthetic_slide
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -565,7 +565,7 @@ def demo_slide(out_dir, size: tuple[int, int] = DEMO_SIZE, seed: int = 0, log=No
 
 def load_model(weights=None, device="cpu"):
     """(model, checkpoint payload) from `weights`, or from the shipped demo weights when None."""
-    from ..train import load_checkpoint, model_from_checkpoint
+    from .train import load_checkpoint, model_from_checkpoint
 
     path = Path(weights) if weights is not None else DEMO_WEIGHTS
     if weights is None and not path.is_file():
@@ -611,7 +611,7 @@ def write_failures(out_dir, failures: list[tuple[str, str, str]]) -> Path | None
         return None
     lines = ["# slide\treason\ttime: retry with fastgicn segment --slides-from " + str(path)]
     lines += ["\t".join(v.replace("\t", " ").replace("\n", " ") for v in row) for row in failures]
-    from .outputs import atomic_path
+    from .outputs.files import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import TileConfig
-from ..errors import ConfigError
-from ..models import create_model
+from .config import TileConfig
+from .errors import ConfigError
+from .models import create_model
 
 FORMAT = "fastgicn-checkpoint-1"
 

@@ -33,7 +33,7 @@ open at once), a few tiles ahead of the file, and written in order: the file is 
 whatever the pool. tifffile still writes the TIFF structure, pulling the encoded tiles of a level from an
 iterator and patching their offsets into the IFD. A uniform single-channel tile (glass, an all-zero mask) is
 encoded once per value and its bytes reused. Deflate uses level `DEFAULT_DEFLATE_LEVEL` (6) unless
-`compression_level` says otherwise (the segmentation maps use 1, see `fastgicn.slide.outputs`).
+`compression_level` says otherwise (the segmentation maps use 1, see `fastgicn.outputs.files`).
 
 Memory: level-0 tiles are encoded as they arrive; lower levels are built in bands of `tile` rows (about
 ``tile * width * channels`` bytes over all levels, plus the thumbnail-sized image when a thumbnail, label or
