@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handles", choices=["shared", "per_thread"], default="shared",
                    help="OpenSlide handles: one shared, or one per reader thread (default: shared)")
     p.add_argument("--mpp", type=float, default=None, metavar="UM_PER_PX",
-                   help="microns per pixel of level 0, for slides that do not record it (default: the slide's)")
+                   help="microns per pixel of level 0: overrides what the slide records (and fills it in where it "
+                        "records none or an implausible value, such as a 72-dpi tag); default: the slide's")
     p.add_argument("--min-region-um2", type=float, default=100.0, metavar="UM2",
                    help="leave tumour regions smaller than this out of the GeoJSON (not the masks); 100 um^2 is "
                         "about one tumour cell. Slides without an MPP (and no --mpp) use 1600 level-0 pixels "

@@ -37,6 +37,16 @@ def he_like(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def padded(arr: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """Reference crop: arr[y:y + h, x:x + w] with white wherever that lies outside arr."""
+    out = np.full((h, w, 3), 255, np.uint8)
+    H, W = arr.shape[:2]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = arr[y0:y1, x0:x1]
+    return out
+
+
 def write_pyramid(path: Path, level0: np.ndarray, levels: int = 3, *, svs: bool = False, jpeg: bool = False,
                   mpp: float | None = 0.25) -> list[np.ndarray]:
     """Write `level0` and `levels - 1` halvings as a tiled pyramidal TIFF; returns the level arrays."""

@@ -20,16 +20,10 @@ import tifffile
 
 from fastgicn.errors import SlideError
 from fastgicn.slide import open_slide
+from slide_fixtures import padded
 from tiff_layouts import (DIRECT_LAYOUTS, FALLBACK_LAYOUTS, LAYOUTS, openslide_reads_zstd, openslide_region,
                           stored_level, write_j2k_triples, write_layout)
 
-try:
-    import fastgicn.slide.direct  # noqa: F401
-    HAVE_DIRECT = True
-except ImportError:
-    HAVE_DIRECT = False
-
-needs_direct = pytest.mark.skipif(not HAVE_DIRECT, reason="direct reader not built yet")
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +57,6 @@ def _layout(files, name):
         pytest.skip("this libopenslide's libtiff does not decode zstd tiles, so there is no OpenSlide reference")
     return files[name]
 
-
-def padded(arr, x, y, w, h):
-    """arr[y:y+h, x:x+w] with white wherever that lies outside arr."""
-    out = np.full((h, w, 3), 255, np.uint8)
-    H, W = arr.shape[:2]
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    if x1 > x0 and y1 > y0:
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = arr[y0:y1, x0:x1]
-    return out
 
 
 def level_regions(lw, lh, t):
@@ -151,7 +136,6 @@ def test_stripped_tiff_is_not_read_directly(tmp_path):
 
 
 # -- the direct reader ----------------------------------------------------------------------------------
-@needs_direct
 @pytest.mark.parametrize("name", DIRECT_LAYOUTS)
 def test_direct_reader_serves_layout_with_openslide_geometry(files, refs, name):
     w = _layout(files, name)
@@ -169,7 +153,6 @@ def test_direct_reader_serves_layout_with_openslide_geometry(files, refs, name):
         assert slide.objective_power == (None if power is None else float(power))
 
 
-@needs_direct
 @pytest.mark.parametrize("name", DIRECT_LAYOUTS)
 def test_direct_reads_equal_references(files, refs, name):
     """Aligned, unaligned, multi-tile, edge, outside and negative regions at every level."""
@@ -183,7 +166,6 @@ def test_direct_reads_equal_references(files, refs, name):
                         f"{name} level {level} {what} at l0 ({x}, {y}) size {rw}x{rh}")
 
 
-@needs_direct
 def test_direct_33003_matches_openslide_on_hard_triples(tmp_path):
     path = tmp_path / "triples.svs"
     rgb = write_j2k_triples(path)
@@ -192,7 +174,6 @@ def test_direct_33003_matches_openslide_on_hard_triples(tmp_path):
         assert_same(slide.read_region(0, 0, 0, 256, 256), rgb, "direct 33003 vs OpenSlide's integer YCbCr->RGB")
 
 
-@needs_direct
 @pytest.mark.parametrize("name", ["svs_jpeg_rgb_tables_240", "svs_j2k_ycbcr_240", "tif_deflate_256"])
 def test_four_threads_read_the_same_pixels(files, refs, name):
     w = _layout(files, name)
@@ -226,7 +207,6 @@ CORRUPT = ["svs_jpeg_rgb_tables_240", "svs_jpeg_ycbcr_tables_256", "tif_jpeg_ycb
            "svs_j2k_rgb_256", "tif_deflate_256", "tif_lzw_512", "tif_zstd_256"]
 
 
-@needs_direct
 @pytest.mark.parametrize("name", CORRUPT)
 def test_corrupt_tile_raises_slide_error_naming_file_and_tile(files, refs, tmp_path, name):
     w = _layout(files, name)
@@ -259,7 +239,6 @@ def test_corrupt_tile_raises_slide_error_naming_file_and_tile(files, refs, tmp_p
         assert_same(slide.read_region(0, 0, 0, t, t), openslide_region(osr, 0, 0, 0, t, t), f"{name} good tile")
 
 
-@needs_direct
 @pytest.mark.parametrize("name", FALLBACK_LAYOUTS)
 def test_unservable_layout_falls_back_to_openslide(files, refs, name):
     """Palette and 16-bit RGB tiled TIFFs: OpenSlide reads them (libtiff's RGBA path); the direct reader

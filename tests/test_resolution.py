@@ -11,7 +11,7 @@ from fastgicn.errors import ConfigError
 from fastgicn.slide import Resolution, open_slide
 from fastgicn.tiling import tile_grid, tissue_tiles
 from fastgicn.slide.resolution import area_span
-from slide_fixtures import APERIO_DESCRIPTION, he_like
+from slide_fixtures import APERIO_DESCRIPTION, he_like, padded
 
 W0, H0 = 1203, 811   # odd: reductions meet partial blocks at the right and bottom edges
 
@@ -34,14 +34,6 @@ def aperio(tmp_path_factory):
             tw.write(arr, tile=(256, 256), photometric="rgb", compression="zlib", metadata=None, **kw)
     return path, levels
 
-
-def padded(arr, x, y, w, h):
-    out = np.full((h, w, 3), 255, np.uint8)
-    H, W = arr.shape[:2]
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    if x1 > x0 and y1 > y0:
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = arr[y0:y1, x0:x1]
-    return out
 
 
 def box_reference(level: np.ndarray, lx: int, ly: int, w: int, h: int, f: int) -> np.ndarray:

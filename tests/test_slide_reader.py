@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastgicn.errors import ConfigError, SlideError
 from fastgicn.slide import ImageSlide, OpenSlideSlide, open_slide
-from slide_fixtures import he_like, write_pyramid
+from slide_fixtures import he_like, padded, write_pyramid
 
 W0, H0 = 1000, 700   # not a multiple of the 256 tile: edge tiles are partial
 
@@ -29,15 +29,6 @@ def files(tmp_path_factory):
     write_pyramid(d / "aperio_jpeg.svs", level0, svs=True, jpeg=True)
     return out
 
-
-def padded(arr: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
-    """Reference crop: the region [y, y + h) x [x, x + w) of `arr`, white outside it."""
-    out = np.full((h, w, 3), 255, np.uint8)
-    H, W = arr.shape[:2]
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    if x1 > x0 and y1 > y0:
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = arr[y0:y1, x0:x1]
-    return out
 
 
 REGIONS = [(0, 0, 256, 256), (37, 11, 300, 190), (900, 600, 256, 256), (-40, -3, 100, 80), (2000, 10, 16, 16),
