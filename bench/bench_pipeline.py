@@ -73,7 +73,7 @@ def sparse_slide_class():
     import numpy as np
 
     from fastgicn import _tiler
-    from fastgicn.slide.reader import Slide
+    from fastgicn.slide import Slide
 
     glass = np.array([243, 243, 246], np.uint8)
 

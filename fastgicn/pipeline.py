@@ -105,7 +105,7 @@ class _TruthDice:
     CHUNK = 8192
 
     def __init__(self, truth, slide, downsample: float, width: int):
-        from .slide.reader import open_slide
+        from .slide import open_slide
 
         self.path = truth if not isinstance(truth, np.ndarray) else "array"
         if isinstance(truth, np.ndarray) and truth.ndim == 2:
@@ -321,7 +321,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
     """
     from . import __version__
     from .tiling.grid import read_resolution_for, tissue_tiles
-    from .slide.reader import Slide, open_slide
+    from .slide import Slide, open_slide
     from .slide.tissue import tissue_mask
 
     config = config or TileConfig()

@@ -238,7 +238,7 @@ def test_progress_line():
 
 def test_a_read_error_midway_leaves_no_thread_handle_or_file(tmp_path):
     from fastgicn.errors import SlideError
-    from fastgicn.slide.reader import ImageSlide
+    from fastgicn.slide import ImageSlide
 
     class FailsLater(ImageSlide):
         reads = 0

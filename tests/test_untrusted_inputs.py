@@ -18,7 +18,7 @@ from fastgicn.errors import BackendUnavailable, ConfigError, SlideError
 from fastgicn.models import create_model, register_model
 from fastgicn.models.registry import list_models
 from fastgicn.pipeline import DEMO_WEIGHTS
-from fastgicn.slide.reader import open_slide
+from fastgicn.slide import open_slide
 from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import TrainConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from .. import _tiler
 from ..errors import SlideError
-from .reader import OpenSlideSlide, Slide
+from .base import Slide
+from .openslide import OpenSlideSlide
 
 __all__ = ["DirectTiffSlide", "servable", "DIRECT_VENDORS"]
 

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import ConfigError
-from .reader import Slide
+from .base import Slide
 
 __all__ = ["TissueMask", "tissue_mask", "mask_from_rgb", "otsu_threshold", "mask_downsample"]
 

@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from ..config import TileConfig
 from ..errors import ConfigError
-from ..slide.reader import Slide
+from ..slide.base import Slide
 from ..slide.resolution import Resolution, stored
 from ..slide.tissue import TissueMask, tissue_mask
 
