@@ -54,7 +54,7 @@ def _model(weights: str | None):
 
     from fastgicn.config import TileConfig
     from fastgicn.models import create_model
-    from fastgicn.pipeline import DEMO_WEIGHTS
+    from fastgicn.demo import DEMO_WEIGHTS
     from fastgicn.train import load_checkpoint, model_from_checkpoint
 
     path = Path(weights) if weights else DEMO_WEIGHTS
@@ -121,7 +121,8 @@ def sparse_slide_class():
 # children
 
 def child_real(args) -> dict:
-    from fastgicn.pipeline import peak_rss_mb, segment_slide
+    from fastgicn.outputs.report import peak_rss_mb
+    from fastgicn.pipeline import segment_slide
 
     model, config, weights = _model(args.weights)
     rss0 = status_kib("VmRSS")
@@ -174,7 +175,8 @@ def child_read(args) -> dict:
 
 
 def child_sparse(args) -> dict:
-    from fastgicn.pipeline import peak_rss_mb, segment_slide
+    from fastgicn.outputs.report import peak_rss_mb
+    from fastgicn.pipeline import segment_slide
     from fastgicn.synth import SyntheticSlide
 
     model, config, weights = _model(args.weights)
@@ -245,7 +247,7 @@ def real_model_ratio(args, slide, work) -> dict:
     from fastgicn.config import TileConfig
 
     try:
-        from fastgicn.pipeline import load_model
+        from fastgicn.checkpoint import load_model
 
         loaded = load_model(args.weights)
     except Exception as exc:  # no demo weights installed

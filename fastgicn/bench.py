@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import BackendUnavailable, ConfigError, EngineBuildError, FastGicnError
+from .outputs.report import peak_rss_mb
 
 FORMAT = "fastgicn-bench-1"
 # Dense (no sparsity) datasheet peaks in TFLOP/s: 16-bit tensor cores, and TF32 tensor cores for the fp32 path
@@ -130,18 +131,6 @@ def _host_peak_reset() -> bool:
         return False
 
 
-def host_peak_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _device_used_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -226,7 +215,7 @@ def bench_backend(model, name: str, precision: str, device: torch.device, args, 
     peak = peak_tflops(row_device_name(device), precision)
     row["peak_tflops"] = peak
     row["fraction_of_peak"] = row["tflops"] / peak if peak else None
-    row["host_peak_rss_mb"] = host_peak_mb()
+    row["host_peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         row["device_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         used1 = _device_used_mb(device)

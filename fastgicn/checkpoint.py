@@ -121,3 +121,17 @@ def model_from_checkpoint(path_or_payload, device: str | torch.device = "cpu") -
     norm = payload["normalization"]
     model.mean, model.std = tuple(norm["mean"]), tuple(norm["std"])
     return model.to(device).eval()
+
+
+def load_model(weights=None, device="cpu"):
+    """(model, checkpoint payload, path) from `weights`, or from the shipped demo weights when None."""
+    from .demo import DEMO_WEIGHTS
+    from .engine.base import resolve_device
+
+    path = Path(weights) if weights is not None else DEMO_WEIGHTS
+    if weights is None and not path.is_file():
+        raise ConfigError(f"no --weights given and the demo weights {path} are not installed: pass a checkpoint "
+                          "written by `fastgicn train`, or reinstall fastgicn with its weights")
+    device = resolve_device(device)  # a bad --device is refused before the checkpoint is read
+    payload = load_checkpoint(path)
+    return model_from_checkpoint(payload, device), payload, path

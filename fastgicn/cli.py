@@ -170,7 +170,10 @@ def cmd_segment(args) -> int:
 
 def _segment(args, slides, truths, log) -> int:
     from .config import TileConfig
-    from .pipeline import DEMO_SIZE, demo_slide, ensure_out_dir, load_model, segment_slides
+    from .checkpoint import load_model
+    from .cohort import ensure_out_dir
+    from .demo import DEMO_SIZE, demo_slide
+    from .pipeline import segment_slides
 
     model, payload, weights = load_model(args.weights, args.device)
     values = dict(payload.get("tile_config") or {})

@@ -23,11 +23,7 @@ reported and skipped, and a run killed midway resumes with the first incomplete 
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import platform
 import sys
 import time
 from contextlib import ExitStack
@@ -35,204 +31,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from .cohort import ensure_out_dir, model_fingerprint, other_slide, run_fingerprint, write_failures
 from .config import TileConfig
 from .engine.base import resolve_device
 from .engine.runner import TUMOUR_CLASS, DeviceRunner  # noqa: F401 (TUMOUR_CLASS: re-exported)
 from .errors import ConfigError, FastGicnError
-from .tiling.batches import BatchRing
-from .outputs.files import LowRes, PyramidBandWriter, lowres_factor, remove_partials, write_json, write_overlay_png
+from .naming import OUTPUT_SUFFIXES, output_paths, slide_stem  # noqa: F401 (re-exported)
+from .outputs.dice import TruthDice
+from .outputs.files import LowRes, PyramidBandWriter, lowres_factor, remove_partials, write_json, write_slide_overlay
 from .outputs.polygons import (DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area, tumour_geojson,
-                       write_geojson)
+                               write_geojson)
+from .outputs.report import REPORT_FORMAT, outputs_complete, slide_report  # noqa: F401 (re-exported)
+from .progress import Progress
+from .tiling.batches import BatchRing
 from .tiling.stitch import Stitcher
-from .naming import FAILURES_NAME, OUTPUT_SUFFIXES, output_paths, slide_identity, slide_stem  # noqa: F401
+from .tiling.stitch_thread import StitchThread
 
-REPORT_FORMAT = "fastgicn-segment-report-1"
+__all__ = ["segment_slide", "segment_slides", "SlideResult", "output_paths", "outputs_complete"]
 
-
-# ---------------------------------------------------------------------------------------------------
-# progress
-
-class Progress:
-    """A one-line progress bar on stderr: tiles done, tiles/s, ETA. Redrawn in place on a terminal, printed
-    every `interval` seconds as plain lines otherwise; `enabled=False` is silent."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None = None, stream=None, interval: float = 10.0):
-        self.stream = stream or sys.stderr
-        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.enabled = tty if enabled is None else enabled
-        self.tty = tty
-        self.total, self.label, self.done = total, label, 0
-        self.t0 = time.perf_counter()
-        self._last = 0.0
-        self.interval = 0.2 if tty else interval
-
-    def line(self) -> str:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = self.done / dt
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        width = 24
-        fill = int(width * pct / 100)
-        eta_s = "--:--" if math.isnan(eta) else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
-        return (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} tiles "
-                f"{pct:5.1f}% {rate:6.1f} tiles/s ETA {eta_s}")
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self._last >= self.interval:
-            self._last = now
-            self.stream.write(("\r" + self.line()) if self.tty else self.line() + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write(("\r" if self.tty else "") + self.line() + "\n")
-            self.stream.flush()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Dice against a truth mask, streamed with the rows
-
-class _TruthDice:
-    """Counts |pred & truth|, |pred|, |truth| over the stitched rows; truth read from a mask slide at the
-    output level (0 normal, > 127 tumour, aligned with the slide's level 0)."""
-
-    CHUNK = 8192
-
-    def __init__(self, truth, slide, downsample: float, width: int):
-        from .slide import open_slide
-
-        self.path = truth if not isinstance(truth, np.ndarray) else "array"
-        if isinstance(truth, np.ndarray) and truth.ndim == 2:
-            truth = np.repeat(truth[:, :, None], 3, axis=2)
-        self.reader = open_slide(truth)
-        if tuple(self.reader.dimensions) != tuple(slide.dimensions):
-            self.reader.close()
-            raise ConfigError(f"truth mask {self.path} is {self.reader.dimensions[0]}x{self.reader.dimensions[1]} "
-                              f"but the slide is {slide.dimensions[0]}x{slide.dimensions[1]}: the mask must be "
-                              "aligned with the slide's level 0")
-        from .slide.resolution import resolution_at
-
-        # the mask at the output's resolution: a level at that downsample, or a finer one box-reduced (a
-        # 0/255 mask's mean is > 127 where at least half of the block is tumour)
-        self.resolution = resolution_at(self.reader, downsample, tolerance=0.01)
-        self.level, self.downsample, self.width = self.resolution, self.resolution.downsample, width
-        self.inter = self.pred = self.truth = 0
-
-    def add(self, y0: int, label: np.ndarray) -> None:
-        n = len(label)
-        for x in range(0, self.width, self.CHUNK):
-            w = min(self.CHUNK, self.width - x)
-            t = self.reader.read_region(int(round(x * self.downsample)), int(round(y0 * self.downsample)),
-                                        self.level, w, n)[..., 0] > 127
-            p = label[:, x:x + w]
-            self.inter += int(np.count_nonzero(p & t))
-            self.pred += int(np.count_nonzero(p))
-            self.truth += int(np.count_nonzero(t))
-
-    def result(self) -> dict:
-        total = self.pred + self.truth
-        return {"dice": 1.0 if total == 0 else 2.0 * self.inter / total, "truth": str(self.path),
-                "intersection_pixels": self.inter, "predicted_pixels": self.pred, "truth_pixels": self.truth,
-                "level": self.resolution.level, "reduction": self.resolution.integer_factor or self.resolution.factor}
-
-    def close(self) -> None:
-        self.reader.close()
-
-
-# ---------------------------------------------------------------------------------------------------
-# the model side
-
-def model_fingerprint(model) -> str:
-    """sha256 of the model's name, kwargs, normalisation and weights (what makes two runs' outputs equal);
-    `model` is a torch module or an engine backend holding one as `.model`."""
-    from .engine.base import model_fingerprint as module_fingerprint
-
-    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
-    if not isinstance(module, torch.nn.Module):
-        raise ConfigError(f"cannot fingerprint {type(model).__name__}: pass a torch model or an engine backend")
-    return module_fingerprint(module)
-
-
-class _StitchThread:
-    """Stitching and output streaming on their own thread, fed by a bounded queue, so the main thread goes
-    back to the device runner at once. `put(indices, rejected, probs)` blocks while `maxsize` batches wait
-    (back-pressure on the runner); an exception in the thread is raised by the next `put` or by `close`, and
-    `close` / `abort` always join it. `probs` must stay valid until the thread has stitched it: the runner is
-    built with `hold = maxsize + 2` (queued, one being stitched, one being handed over)."""
-
-    def __init__(self, stitcher: Stitcher, maxsize: int = 2):
-        import queue
-        import threading
-
-        self.stitcher = stitcher
-        self.maxsize = int(maxsize)
-        self.seconds = 0.0
-        self.tiles = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=self.maxsize)
-        self._error: BaseException | None = None
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="fastgicn-stitch", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        add_batch = getattr(self.stitcher, "add_batch", None)
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self._error is not None or self._stop:
-                continue  # drain: the producer learns of the error at its next put
-            indices, rejected, probs = job
-            t0 = time.perf_counter()
-            try:
-                for i in rejected.tolist():
-                    self.stitcher.skip(int(i))
-                if len(indices):
-                    if add_batch is not None:
-                        add_batch(indices, probs)
-                    else:
-                        for j, i in enumerate(indices.tolist()):
-                            self.stitcher.add(int(i), probs[j])
-            except BaseException as exc:  # handed to the main thread
-                self._error = exc
-            self.seconds += time.perf_counter() - t0
-
-    def put(self, indices: np.ndarray, rejected: np.ndarray, probs) -> None:
-        import queue
-
-        while True:
-            if self._error is not None:
-                raise self._error
-            try:
-                self._queue.put((indices, rejected, probs), timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def close(self) -> None:
-        """Stitch what is queued, stop the thread, raise its error if it had one."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def abort(self) -> None:
-        """Stop without stitching what is queued (on an error elsewhere); idempotent."""
-        if not self._thread.is_alive():
-            return
-        self._stop = True
-        self._queue.put(None)
-        self._thread.join()
-
-
-# ---------------------------------------------------------------------------------------------------
-# one slide
 
 @dataclass
 class SlideResult:
@@ -242,57 +59,6 @@ class SlideResult:
     report: dict | None = None
     error: str | None = None
 
-
-def ensure_out_dir(out_dir) -> Path:
-    """Create the output directory once, up front, or say why it cannot be used."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output directory {out_dir} cannot be created ({exc.strerror or exc}): "
-                          "choose another -o") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ConfigError(f"output directory {out_dir} is not writable: choose another -o")
-    return out_dir
-
-
-def run_fingerprint(slide, model_fp: str, config: TileConfig, stitch: str, truth=None, options=None) -> str:
-    """What decides whether existing outputs can be kept: model, config, stitch mode, slide and truth contents,
-    and the `options` that change an output (the GeoJSON's minimum region, the MPP given)."""
-    h = hashlib.sha256()
-    parts = {"model": model_fp, "config": config.to_dict(), "stitch": stitch, "format": REPORT_FORMAT,
-             "slide": _content(slide), "truth": None if truth is None else _content(truth),
-             "options": options or {}}
-    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _content(path) -> str | None:
-    """A file's content identity (not its path or time: a copied or moved slide is the same slide)."""
-    ident = slide_identity(path)
-    return None if ident is None else f"{ident['bytes']}:{ident['content']}"
-
-
-def outputs_complete(out_dir, stem: str, fingerprint: str | None = None) -> bool:
-    """True when the report of `stem` exists, says complete, matches `fingerprint` (if given) and every
-    output it lists is present with the size it recorded."""
-    paths = output_paths(out_dir, stem)
-    try:
-        report = json.loads(paths["report"].read_text())
-    except (OSError, ValueError):
-        return False
-    if report.get("format") != REPORT_FORMAT or not report.get("complete"):
-        return False
-    if fingerprint is not None and report.get("fingerprint") != fingerprint:
-        return False
-    for info in report.get("outputs", {}).values():
-        p = Path(out_dir) / info["file"]
-        try:
-            if p.stat().st_size != info["bytes"]:
-                return False
-        except OSError:
-            return False
-    return True
 
 
 def segment_slide(slide, out_dir, model, config: TileConfig | None = None, device="cpu", *, truth=None,
@@ -387,7 +153,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         stack.callback(mask_writer.abort)
         dice = None
         if truth is not None:
-            dice = _TruthDice(truth, src, ds, width)
+            dice = TruthDice(truth, src, ds, width)
             stack.callback(dice.close)
         sink_seconds = [0.0]
 
@@ -413,7 +179,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         t_loop = time.perf_counter()
         # reader threads -> ring -> device runner (main thread) -> stitch thread -> writers
         with batches:
-            stitching = _StitchThread(stitcher, maxsize=stitch_queue)
+            stitching = StitchThread(stitcher, maxsize=stitch_queue)
             stack.callback(stitching.abort)  # joined whatever happens
             results = runner.run(batches)
             stack.callback(results.close)  # an early exit lets in-flight device work land first
@@ -449,173 +215,19 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         timings["polygons"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        k = 1
-        while max(low.shape) / k > overlay_max_side:
-            k *= 2
-        small = _block_majority(low, k)
-        thumb = src.downsampled(max(1, int(round(f * k * ds))))
-        if thumb.shape[:2] != small.shape:
-            from PIL import Image
-            thumb = np.asarray(Image.fromarray(thumb).resize((small.shape[1], small.shape[0]), Image.BOX))
-        write_overlay_png(paths["overlay"], thumb, small, max_side=overlay_max_side)
+        write_slide_overlay(paths["overlay"], src, low, f, ds, max_side=overlay_max_side)
         timings["overlay"] = time.perf_counter() - t0
 
-        tumour_px = summary.count
-        n_read = batches.stats.tiles_read
-        n_rejected = batches.stats.tiles_rejected
-        report = {
-            "format": REPORT_FORMAT,
-            "complete": True,
-            "fingerprint": fingerprint,
-            "slide": {"path": str(Path(src.path).resolve()) if getattr(src, "path", None) else None,
-                      "name": stem, "vendor": getattr(src, "vendor", None), "dimensions": list(src.dimensions),
-                      "level_count": src.level_count, "mpp": src.mpp,
-                      "identity": slide_identity(src.path) if getattr(src, "path", None) else None},
-            "read": {**level.to_dict(src.mpp), "reader": getattr(src, "reader", None),
-                     "reader_note": getattr(src, "reader_note", None)},
-            "model": {"name": getattr(model, "model_name", type(model).__name__),
-                      "kwargs": getattr(model, "model_kwargs", {}), "weights": None if weights is None else
-                      str(weights), "fingerprint": model_fp},
-            "config": config.to_dict(),
-            "stitch": stitch,
-            "device": str(device),
-            "tiles": {"candidates": int(len(candidates)), "read": n_read, "rejected": n_rejected,
-                      "segmented": n_read - n_rejected, "threads": threads, "ring_slots": batches.n_slots,
-                      "ring_bytes": batches.stats.ring_bytes, "pinned": batches.pinned},
-            "tumour": {"pixels": tumour_px, "area_mm2": None if out_mpp is None else tumour_px * out_mpp ** 2 / 1e6,
-                       "regions": regions.pop("kept"), "small_regions_dropped": regions},
-            "tissue": {"pixels_level0": tissue_l0_px, "mask_downsample": tissue.downsample,
-                       "area_mm2": None if src.mpp is None else tissue_l0_px * src.mpp ** 2 / 1e6},
-            "dice": None if dice is None else dice.result(),
-            "memory": {"stitch_band_rows_peak": stitcher.peak_band_rows, "summary_downsample": f,
-                       "peak_rss_mb": peak_rss_mb()},
-            "seconds": None,
-            "tiles_per_second": None,
-            "started": started,
-            "versions": {"fastgicn": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                         "python": platform.python_version()},
-            "outputs": {},
-        }
-        report["tissue"]["found"] = report["tiles"]["segmented"] > 0  # no tissue: empty outputs, a warning
-        for key in ("probability", "mask", "geojson", "overlay"):
-            report["outputs"][key] = {"file": paths[key].name, "bytes": paths[key].stat().st_size}
         timings["total"] = time.perf_counter() - t_start
-        report["seconds"] = {k: round(v, 4) for k, v in timings.items()}
-        report["tiles_per_second"] = round(n_read / max(timings["segment_loop"], 1e-9), 2)
-        report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        report = slide_report(src=src, stem=stem, level=level, model=model, weights=weights, model_fp=model_fp,
+                              config=config, stitch=stitch, device=device, threads=threads,
+                              candidates=len(candidates), batches=batches, stitcher=stitcher,
+                              tumour_px=summary.count, regions=regions, tissue=tissue, tissue_l0_px=tissue_l0_px,
+                              dice=dice, out_mpp=out_mpp, summary_downsample=f, started=started,
+                              fingerprint=fingerprint, paths=paths, timings=timings, version=__version__)
         write_json(paths["report"], report)
     return SlideResult(str(slide) if isinstance(slide, (str, os.PathLike)) else stem, "done",
                        {k: str(p) for k, p in paths.items()}, report)
-
-
-def _block_majority(mask: np.ndarray, k: int) -> np.ndarray:
-    """k x k blocks of a bool mask -> True where at least half of the block's pixels (edge blocks: of the
-    pixels they have) are set. One block row at a time, so temporaries stay small."""
-    if k == 1:
-        return mask
-    h, w = mask.shape
-    cols = np.arange(0, w, k)
-    col_counts = np.diff(np.append(cols, w))
-    out = np.empty((len(range(0, h, k)), len(cols)), bool)
-    for i, r in enumerate(range(0, h, k)):
-        band = mask[r:r + k]
-        sums = np.add.reduceat(band.sum(axis=0, dtype=np.int32), cols)
-        out[i] = 2 * sums >= col_counts * len(band)
-    return out
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process so far, in MiB (Linux and macOS)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the demo: a synthetic slide and the shipped demo weights
-
-DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "demo_synthetic.pt"
-DEMO_SLIDE_NAME = "synthetic_demo.svs"
-DEMO_SIZE = (28000, 28000)  # ~1,700 tissue tiles: about a minute on 2 CPU cores with the demo weights (28-43 tiles/s)
-
-
-def demo_slide(out_dir, size: tuple[int, int] = DEMO_SIZE, seed: int = 0, log=None) -> tuple[Path, Path]:
-    """OUT_DIR/synthetic_demo.svs and its ground-truth mask, made once and reused while both exist (the
-    writer renames complete files into place, so an existing file is a complete one). A different size or
-    seed than the existing one makes a new slide named after them."""
-    from .synth import write_synthetic_slide
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = DEMO_SLIDE_NAME if (tuple(size), seed) == (DEMO_SIZE, 0) else \
-        f"synthetic_demo_{size[0]}x{size[1]}_seed{seed}.svs"
-    slide = out_dir / name
-    mask = slide.with_name(slide.stem + ".mask.tif")
-    if slide.is_file() and mask.is_file():
-        return slide, mask
-    for p in (slide, mask):  # what a killed run left half-written
-        remove_partials(out_dir, p.name)
-    if log:
-        log(f"making a synthetic slide {slide} ({size[0]} x {size[1]} pixels, seed {seed}) and its mask")
-    return write_synthetic_slide(slide, size[0], size[1], seed=seed)
-
-
-def load_model(weights=None, device="cpu"):
-    """(model, checkpoint payload) from `weights`, or from the shipped demo weights when None."""
-    from .train import load_checkpoint, model_from_checkpoint
-
-    path = Path(weights) if weights is not None else DEMO_WEIGHTS
-    if weights is None and not path.is_file():
-        raise ConfigError(f"no --weights given and the demo weights {path} are not installed: pass a checkpoint "
-                          "written by `fastgicn train`, or reinstall fastgicn with its weights")
-    device = resolve_device(device)  # a bad --device is refused before the checkpoint is read
-    payload = load_checkpoint(path)
-    return model_from_checkpoint(payload, device), payload, path
-
-
-# ---------------------------------------------------------------------------------------------------
-# many slides
-
-def existing_slide(out_dir, stem: str) -> dict | None:
-    """The identity of the slide whose complete outputs are under `stem` in `out_dir` (None if there are none)."""
-    try:
-        report = json.loads(output_paths(out_dir, stem)["report"].read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(report, dict) or not report.get("complete"):
-        return None
-    slide = report.get("slide") or {}
-    return slide.get("identity") or {"path": slide.get("path"), "content": None}
-
-
-def _other_slide(out_dir, stem: str, slide) -> str | None:
-    """Why `slide` must not write over the complete outputs of a different slide under the same name, or None."""
-    there = existing_slide(out_dir, stem)
-    here = slide_identity(slide)
-    if there is None or here is None or there.get("content") == here["content"]:
-        return None
-    return (f"{output_paths(out_dir, stem)['report']} holds the complete results of another slide named "
-            f"{stem} ({there.get('path')}); segmenting {here['path']} would replace them: give it another -o, "
-            "or --force to replace them")
-
-
-def write_failures(out_dir, failures: list[tuple[str, str, str]]) -> Path | None:
-    """The failure manifest beside the outputs (slide, reason, time; tab-separated, a header line), or no
-    manifest when nothing failed. `fastgicn segment --slides-from` reads its first column back."""
-    path = Path(out_dir) / FAILURES_NAME
-    if not failures:
-        path.unlink(missing_ok=True)
-        return None
-    lines = ["# slide\treason\ttime: retry with fastgicn segment --slides-from " + str(path)]
-    lines += ["\t".join(v.replace("\t", " ").replace("\n", " ") for v in row) for row in failures]
-    from .outputs.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def segment_slides(slides, out_dir, model, config: TileConfig | None = None, device="cpu", *, truths=None,
@@ -667,7 +279,7 @@ def segment_slides(slides, out_dir, model, config: TileConfig | None = None, dev
             results.append(SlideResult(str(slide), "skipped",
                                        {k: str(p) for k, p in output_paths(out_dir, stems[i]).items()}))
             continue
-        clash = None if force else _other_slide(out_dir, stems[i], slide)
+        clash = None if force else other_slide(out_dir, stems[i], slide)
         if clash:
             fail(label, slide, clash)
             continue

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastgicn.cli import build_parser
-from fastgicn.pipeline import DEMO_SIZE, DEMO_WEIGHTS, OUTPUT_SUFFIXES
+from fastgicn.demo import DEMO_SIZE, DEMO_WEIGHTS
+from fastgicn.naming import OUTPUT_SUFFIXES
 from fastgicn.synth import write_synthetic_slide
 
 

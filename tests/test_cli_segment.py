@@ -11,7 +11,7 @@ from fastgicn.cli import main
 from fastgicn.config import TileConfig
 from fastgicn.models import register_model
 from fastgicn.models.registry import list_models
-from fastgicn.pipeline import DEMO_WEIGHTS
+from fastgicn.demo import DEMO_WEIGHTS
 from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import save_checkpoint
 

@@ -18,8 +18,9 @@ from fastgicn.config import TileConfig
 from fastgicn.errors import ConfigError
 from fastgicn.models import create_model
 from fastgicn.models.metrics import dice_score
-from fastgicn.pipeline import (DEMO_WEIGHTS, Progress, output_paths, outputs_complete, segment_slide,
-                                     segment_slides)
+from fastgicn.demo import DEMO_WEIGHTS
+from fastgicn.pipeline import output_paths, outputs_complete, segment_slide, segment_slides
+from fastgicn.progress import Progress
 from fastgicn.outputs.tiff import write_pyramid
 
 

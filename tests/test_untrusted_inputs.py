@@ -17,7 +17,7 @@ from fastgicn.engine.base import resolve_device
 from fastgicn.errors import BackendUnavailable, ConfigError, SlideError
 from fastgicn.models import create_model, register_model
 from fastgicn.models.registry import list_models
-from fastgicn.pipeline import DEMO_WEIGHTS
+from fastgicn.demo import DEMO_WEIGHTS
 from fastgicn.slide import open_slide
 from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import TrainConfig, load_checkpoint, model_from_checkpoint, save_checkpoint

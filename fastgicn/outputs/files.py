@@ -214,3 +214,35 @@ def write_overlay_png(path, thumbnail: np.ndarray, mask: np.ndarray, max_side: i
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", optimize=False)
     return path
+
+
+def write_slide_overlay(path, slide, low: np.ndarray, low_factor: int, level_downsample: float,
+                        max_side: int = 2048) -> Path:
+    """The overlay PNG of `slide` with the reduced mask `low` (bool; pixel = `low_factor` pixels of the level
+    read, whose downsample is `level_downsample`): the mask reduced by block majority by powers of 2 until its
+    longer side is at most `max_side`, over the slide read at the same downsample."""
+    k = 1
+    while max(low.shape) / k > max_side:
+        k *= 2
+    small = block_majority(low, k)
+    thumb = slide.downsampled(max(1, int(round(low_factor * k * level_downsample))))
+    if thumb.shape[:2] != small.shape:
+        from PIL import Image
+        thumb = np.asarray(Image.fromarray(thumb).resize((small.shape[1], small.shape[0]), Image.BOX))
+    return write_overlay_png(path, thumb, small, max_side=max_side)
+
+
+def block_majority(mask: np.ndarray, k: int) -> np.ndarray:
+    """k x k blocks of a bool mask -> True where at least half of the block's pixels (edge blocks: of the
+    pixels they have) are set. One block row at a time, so temporaries stay small."""
+    if k == 1:
+        return mask
+    h, w = mask.shape
+    cols = np.arange(0, w, k)
+    col_counts = np.diff(np.append(cols, w))
+    out = np.empty((len(range(0, h, k)), len(cols)), bool)
+    for i, r in enumerate(range(0, h, k)):
+        band = mask[r:r + k]
+        sums = np.add.reduceat(band.sum(axis=0, dtype=np.int32), cols)
+        out[i] = 2 * sums >= col_counts * len(band)
+    return out
