@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_tiler import _context, _write  # noqa: E402
 
-from fastgicn.outputs.files import MAP_DEFLATE_LEVEL, PyramidBandWriter  # noqa: E402
+from fastgicn.outputs.tiff import MAP_DEFLATE_LEVEL, PyramidBandWriter  # noqa: E402
 
 TILE = 512
 

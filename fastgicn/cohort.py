@@ -91,7 +91,7 @@ def write_failures(out_dir, failures: list[tuple[str, str, str]]) -> Path | None
         return None
     lines = ["# slide\treason\ttime: retry with fastgicn segment --slides-from " + str(path)]
     lines += ["\t".join(v.replace("\t", " ").replace("\n", " ") for v in row) for row in failures]
-    from .outputs.files import atomic_path
+    from .outputs.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")

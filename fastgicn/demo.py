@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .outputs.files import remove_partials
+from .outputs.atomic import remove_partials
 
 __all__ = ["DEMO_WEIGHTS", "DEMO_SLIDE_NAME", "DEMO_SIZE", "demo_slide"]
 

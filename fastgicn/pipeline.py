@@ -39,10 +39,13 @@ from .engine.runner import TUMOUR_CLASS, DeviceRunner  # noqa: F401 (TUMOUR_CLAS
 from .errors import ConfigError, FastGicnError
 from .naming import OUTPUT_SUFFIXES, output_paths, slide_stem  # noqa: F401 (re-exported)
 from .outputs.dice import TruthDice
-from .outputs.files import LowRes, PyramidBandWriter, lowres_factor, remove_partials, write_json, write_slide_overlay
+from .outputs.atomic import remove_partials, write_json
+from .outputs.lowres import LowRes, lowres_factor
+from .outputs.overlay import write_slide_overlay
 from .outputs.polygons import (DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area, tumour_geojson,
                                write_geojson)
 from .outputs.report import REPORT_FORMAT, outputs_complete, slide_report  # noqa: F401 (re-exported)
+from .outputs.tiff import PyramidBandWriter
 from .progress import Progress
 from .tiling.batches import BatchRing
 from .tiling.stitch import Stitcher
@@ -89,6 +92,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
     from .tiling.grid import read_resolution_for, tissue_tiles
     from .slide import Slide, open_slide
     from .slide.tissue import tissue_mask
+    from ._tiler import max_count_u8
 
     config = config or TileConfig()
     if not isinstance(config, TileConfig):
@@ -156,12 +160,24 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
             dice = TruthDice(truth, src, ds, width)
             stack.callback(dice.close)
         sink_seconds = [0.0]
+        zeros: dict[tuple, np.ndarray] = {}
+
+        def _zeros(shape: tuple) -> np.ndarray:
+            z = zeros.get(shape)
+            if z is None:
+                z = zeros[shape] = np.zeros(shape, np.uint8)
+                z.flags.writeable = False
+            return z
 
         def sink(y0: int, rows: np.ndarray) -> None:
             s0 = time.perf_counter()
-            if rows.any():
+            peak, tumour = max_count_u8(rows, 128)  # one pass, GIL released
+            if tumour:
                 label = rows >= 128
                 label_u8 = label.view(np.uint8) * np.uint8(255)
+            elif peak:  # tissue without tumour: the label rows are zeros (one read-only buffer for all)
+                label_u8 = _zeros(rows.shape)
+                label = label_u8.view(bool)
             else:  # rows of glass between tissue: no need to threshold zeros
                 label, label_u8 = rows.view(bool), rows
             prob_writer.write_rows(y0, rows)

@@ -15,8 +15,10 @@ from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from fastgicn.errors import ConfigError, SlideError
-from fastgicn.outputs.files import (MAP_DEFLATE_LEVEL, LowRes, PyramidBandWriter, atomic_path, lowres_factor,
-                                    overlay_image, remove_partials, write_json)
+from fastgicn.outputs.atomic import atomic_path, remove_partials, write_json
+from fastgicn.outputs.lowres import LowRes, lowres_factor
+from fastgicn.outputs.overlay import overlay_image
+from fastgicn.outputs.tiff import MAP_DEFLATE_LEVEL, PyramidBandWriter
 from fastgicn.outputs.polygons import (geojson_features, mask_to_polygons, min_region_area, tumour_geojson,
                                      write_geojson)
 

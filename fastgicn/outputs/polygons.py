@@ -36,7 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .files import TUMOR_CLASS, TUMOR_COLOR, atomic_path
+from .atomic import atomic_path
+
+TUMOR_CLASS = "Tumor"
+TUMOR_COLOR = (200, 0, 0)  # QuPath's default red for "Tumor"
 
 # Without an MPP, regions are filtered by level-0 pixels: 1600 px is 100 um^2 at 0.25 um/px (40x).
 DEFAULT_MIN_REGION_UM2 = 100.0  # about one tumour cell (10-12 um across); smaller specks are noise

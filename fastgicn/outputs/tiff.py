@@ -33,7 +33,7 @@ open at once), a few tiles ahead of the file, and written in order: the file is 
 whatever the pool. tifffile still writes the TIFF structure, pulling the encoded tiles of a level from an
 iterator and patching their offsets into the IFD. A uniform single-channel tile (glass, an all-zero mask) is
 encoded once per value and its bytes reused. Deflate uses level `DEFAULT_DEFLATE_LEVEL` (6) unless
-`compression_level` says otherwise (the segmentation maps use 1, see `fastgicn.outputs.files`).
+`compression_level` says otherwise (the segmentation maps use 1, see `PyramidBandWriter` below).
 
 Memory: level-0 tiles are encoded as they arrive; lower levels are built in bands of `tile` rows (about
 ``tile * width * channels`` bytes over all levels, plus the thumbnail-sized image when a thumbnail, label or
@@ -46,7 +46,6 @@ the temporary files are removed and, when the disk is full, a `SlideError` names
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import errno
 import math
@@ -56,30 +55,47 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 import tifffile
 
-from ..cpus import usable_cpus
 from ..errors import ConfigError, SlideError
+from .aperio import (
+    _STRIP_ROWS,
+    _SUBFILETYPE_LABEL,
+    _SUBFILETYPE_MACRO,
+    THUMBNAIL_SIZE,
+    _check_associated,
+    _stripped_codec,
+    _validate_aperio_pages,
+    aperio_associated_description,
+    aperio_description,
+    aperio_thumbnail_description,
+)
+from .encode import (
+    COMPRESSIONS,
+    DEFAULT_DEFLATE_LEVEL,
+    _acquire_pool,
+    _cancel,
+    _encode_level0,
+    _LowerLevels,
+    _pool_threads,
+    _result,
+    _Spool,
+    _TileEncoder,
+)
+from .reduce import (
+    DOWNSAMPLE_MODES,
+    _Cascade,
+    _cascade_sizes,
+    _halvings,
+    pyramid_sizes,
+)
 
-COMPRESSIONS = ("jpeg", "deflate", "lzw")
 LOSSLESS_COMPRESSIONS = ("deflate", "lzw")
-DOWNSAMPLE_MODES = ("mean", "majority", "max")
-# The deflate level when none is given (see DEFAULT_DEFLATE_LEVEL's note in the module docstring).
-DEFAULT_DEFLATE_LEVEL = 6
-# Rows are reduced in chunks this wide, so temporaries stay small however wide the slide is.
-_REDUCE_CHUNK_COLUMNS = 4096
-# The first line of every Aperio ImageDescription (the version OpenSlide's test slides and ours carry).
-APERIO_LIBRARY = "Aperio Image Library v12.0.15"
-THUMBNAIL_SIZE = 1024  # the long side an Aperio thumbnail page has at most
-_STRIP_ROWS = 16  # rows per strip of the stripped pages (a multiple of the 2x2-subsampled JPEG MCU)
-# NewSubfileType of the stripped pages (tifffile names an SVS page "Macro" by 9, else "Label")
-_SUBFILETYPE_LABEL, _SUBFILETYPE_MACRO = 1, 9
 
 ReadTile = Callable[[int, int, int, int], np.ndarray]
 LowResImage = Callable[[np.ndarray], np.ndarray]  # the thumbnail-sized level -> a label or macro image
@@ -92,262 +108,6 @@ class PyramidLevel:
     width: int
     height: int
     downsample: float
-
-
-def pyramid_sizes(width: int, height: int, min_level_size: int = 1024,
-                  level_step: int = 2) -> list[tuple[int, int]]:
-    """Sizes of the levels: level 0, then each `level_step` times smaller than the one above until the long
-    side fits. A level is the 2x halving (rounded up) repeated, so `level_step=4` gives 1, 4, 16, ... with
-    sizes ceil(ceil(w / 2) / 2), ...."""
-    halvings = _halvings(level_step)
-    sizes = [(width, height)]
-    while max(sizes[-1]) > min_level_size:
-        w, h = sizes[-1]
-        for _ in range(halvings):
-            w, h = (w + 1) // 2, (h + 1) // 2
-        sizes.append((w, h))
-    return sizes
-
-
-def _halvings(level_step) -> int:
-    """log2 of a level step (a power of two, at least 2)."""
-    if (isinstance(level_step, bool) or not isinstance(level_step, (int, np.integer)) or level_step < 2
-            or level_step & (level_step - 1)):
-        raise ConfigError(f"level_step={level_step!r}: use a power of two, 2 (a level at every power of "
-                          "two) or 4 (downsamples 1, 4, 16, ... as Aperio scanners write them)")
-    return int(level_step).bit_length() - 1
-
-
-def _cascade_sizes(width: int, height: int, depth: int) -> list[tuple[int, int]]:
-    """Level 0 and its first `depth` 2x halvings (rounded up)."""
-    sizes = [(width, height)]
-    for _ in range(depth):
-        w, h = sizes[-1]
-        sizes.append(((w + 1) // 2, (h + 1) // 2))
-    return sizes
-
-
-def downsample2(block: np.ndarray, mode: str = "mean") -> np.ndarray:
-    """2x2 reduction of a uint8 H x W or H x W x C block; odd sizes reduce the edge pixels that exist."""
-    if mode not in DOWNSAMPLE_MODES:
-        raise ConfigError(f"downsample mode {mode!r}: use one of {DOWNSAMPLE_MODES}")
-    if block.shape[0] % 2 or block.shape[1] % 2:
-        pad = [(0, block.shape[0] % 2), (0, block.shape[1] % 2)] + [(0, 0)] * (block.ndim - 2)
-        block = np.pad(block, pad, mode="edge")
-    h, w = block.shape[0] // 2, block.shape[1] // 2
-    if mode == "mean":
-        # Sum row pairs over whole rows, then column pairs as the two halves of (2 x channels)-wide groups:
-        # NumPy's inner loops stay long (strided views with a last axis of 3 are several times slower).
-        c = block.shape[2] if block.ndim == 3 else 1
-        rows = block[0::2].astype(np.uint16)
-        rows += block[1::2]
-        pairs = rows.reshape(h * w, 2 * c)
-        total = pairs[:, :c] + pairs[:, c:]
-        total += 2
-        total >>= 2
-        return total.astype(np.uint8).reshape((h, w) + block.shape[2:])
-    a, b = block[0::2, 0::2], block[0::2, 1::2]
-    c, d = block[1::2, 0::2], block[1::2, 1::2]
-    if mode == "majority":
-        votes = (a >= 128).astype(np.uint8) + (b >= 128) + (c >= 128) + (d >= 128)
-        return np.where(votes >= 2, np.uint8(255), np.uint8(0))
-    return np.maximum(np.maximum(a, b), np.maximum(c, d))
-
-
-def aperio_description(width: int, height: int, tile: int, compression: str, quality: int,
-                       mpp: float | None, app_mag: float | None, level_size: tuple[int, int] | None = None,
-                       extra: str = "") -> str:
-    """ImageDescription in the form OpenSlide's Aperio reader parses (`key = value` fields after `|`)."""
-    codec = f"JPEG/RGB Q={quality}" if compression == "jpeg" else compression.upper()
-    head = f"{APERIO_LIBRARY}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile})"
-    if level_size is not None:
-        head += f" -> {level_size[0]}x{level_size[1]}"
-    return "|".join([f"{head} {codec}"] + _aperio_fields(mpp, app_mag, extra))
-
-
-def aperio_thumbnail_description(width: int, height: int, size: tuple[int, int], mpp: float | None,
-                                 app_mag: float | None, extra: str = "") -> str:
-    """ImageDescription of an Aperio thumbnail page: ``WxH -> wxh - `` and the slide's fields."""
-    head = f"{APERIO_LIBRARY}\r\n{width}x{height} -> {size[0]}x{size[1]} - "
-    return "|".join([head] + _aperio_fields(mpp, app_mag, extra))
-
-
-def aperio_associated_description(name: str, size: tuple[int, int]) -> str:
-    """ImageDescription of an Aperio label or macro page; OpenSlide names the image by the word after the
-    line break."""
-    return f"{APERIO_LIBRARY}\r\n{name} {size[0]}x{size[1]}"
-
-
-def _aperio_fields(mpp: float | None, app_mag: float | None, extra: str) -> list[str]:
-    fields = []
-    if app_mag is not None:
-        fields.append(f"AppMag = {app_mag:g}")
-    if mpp is not None:
-        fields.append(f"MPP = {mpp:.6g}")
-    if extra:
-        fields.append(extra)
-    return fields
-
-
-def _tile_encoder(compression: str, channels: int, quality: int,
-                  compression_level: int | None = None) -> Callable[[np.ndarray], bytes]:
-    """Encode one full tile exactly as tifffile would for the same compression and photometric tags."""
-    if compression == "jpeg" and channels == 3:
-        return lambda t: imagecodecs.jpeg8_encode(t, level=quality, colorspace="RGB", outcolorspace="YCBCR",
-                                                  subsampling=(2, 2))
-    if compression == "jpeg":
-        return lambda t: imagecodecs.jpeg8_encode(t, level=quality)
-    if compression == "deflate":
-        level = DEFAULT_DEFLATE_LEVEL if compression_level is None else compression_level
-        return lambda t: imagecodecs.deflate_encode(t, level=level)
-    if compression == "lzw":
-        return lambda t: imagecodecs.lzw_encode(t)
-    raise ConfigError(f"compression {compression!r}: use one of {COMPRESSIONS}")
-
-
-def uniform_value(block: np.ndarray) -> int | None:
-    """The value of a single-channel block whose pixels are all equal, else None."""
-    if block.ndim != 2:
-        return None
-    low = int(block.min())
-    return low if low == int(block.max()) else None
-
-
-class _TileEncoder:
-    """Pads and encodes tiles; uniform single-channel tiles (most of a mask) are encoded once per value."""
-
-    def __init__(self, compression: str, channels: int, quality: int, tile: int,
-                 compression_level: int | None = None):
-        self.encode_full = _tile_encoder(compression, channels, quality, compression_level)
-        self.tile, self.channels = tile, channels
-        self._uniform: dict[int, bytes] = {}
-
-    def __call__(self, block: np.ndarray, value: int | None = None) -> bytes:
-        if value is None and self.channels == 1:
-            value = uniform_value(block)
-        if value is not None:  # edge padding keeps a uniform tile uniform, so one encoding serves every size
-            data = self._uniform.get(value)
-            if data is None:  # two pool threads may both encode a value first seen at once: same bytes
-                data = self._uniform[value] = self.encode_full(np.full((self.tile, self.tile), value, np.uint8))
-            return data
-        return self.encode_full(_pad_to_tile(block, self.tile))
-
-
-def _pad_to_tile(block: np.ndarray, tile: int) -> np.ndarray:
-    """TIFF tiles are always full size; repeat the edge so JPEG does not ring against a black border."""
-    if block.shape[0] == tile and block.shape[1] == tile:
-        return np.ascontiguousarray(block)
-    pad = [(0, tile - block.shape[0]), (0, tile - block.shape[1])] + [(0, 0)] * (block.ndim - 2)
-    return np.pad(block, pad, mode="edge")
-
-
-class _Spool:
-    """Encoded tiles of the lower levels, parked in a temporary file until their IFD is written."""
-
-    def __init__(self, path: Path, n_levels: int):
-        self.path = path
-        self.file = open(path, "w+b")
-        self.index: list[list[tuple[int, int]]] = [[] for _ in range(n_levels)]
-        self.size = 0
-
-    def add(self, level: int, data: bytes) -> None:
-        self.file.write(data)
-        self.index[level].append((self.size, len(data)))
-        self.size += len(data)
-
-    def tiles(self, level: int) -> Iterator[bytes]:
-        self.file.flush()
-        fd = self.file.fileno()
-        for offset, length in self.index[level]:
-            yield os.pread(fd, length, offset)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _Cascade:
-    """Builds levels 1..n from level-0 tiles: one band of `tile` rows per level, reduced 2x2 into the next.
-
-    `sizes` are every 2x level computed; the tiles of those in `keep` (indices into `sizes`) are handed to
-    `emit(level, block)` in row-major order (a copy of its own, so `emit` may encode it later, on another
-    thread), and level `collect` (if not None) is also gathered whole into `overview`."""
-
-    def __init__(self, sizes, channels, tile, mode, emit, keep=None, collect=None):
-        self.sizes, self.tile, self.mode, self.emit = sizes, tile, mode, emit
-        self.keep = set(range(1, len(sizes)) if keep is None else keep) - {0}
-        self.collect = collect
-        self.shape = (channels,) if channels > 1 else ()
-        self.bands = [None] + [np.zeros((tile, w) + self.shape, np.uint8) for w, _ in sizes[1:]]
-        self.band_row = [0] * len(sizes)  # index of the band (tile row) each level is filling
-        self.filled = [0] * len(sizes)  # rows of that band filled so far
-        self.emitted = [0] * len(sizes)  # tiles handed to `emit`, per level
-        self.overview = None
-        if collect is not None:
-            w, h = sizes[collect]
-            self.overview = np.zeros((h, w) + self.shape, np.uint8)
-
-    def add_level0_tile(self, t_row: int, t_col: int, pixels: np.ndarray, small: np.ndarray | None) -> None:
-        """Place a level-0 tile: `small` is its 2x2 reduction (`reduce_tile`), None when level 0 is the only
-        level."""
-        if self.collect == 0:
-            y, x = t_row * self.tile, t_col * self.tile
-            self.overview[y:y + pixels.shape[0], x:x + pixels.shape[1]] = pixels
-        if len(self.sizes) == 1:
-            return
-        half = self.tile // 2
-        y = (t_row % 2) * half
-        self.bands[1][y:y + small.shape[0], t_col * half:t_col * half + small.shape[1]] = small
-
-    def end_level0_row(self, t_row: int) -> None:
-        if len(self.sizes) == 1:
-            return
-        rows = min(self.tile, self.sizes[0][1] - t_row * self.tile)
-        self._add_rows(1, (rows + 1) // 2)
-
-    def _add_rows(self, level: int, rows: int) -> None:
-        self.filled[level] += rows
-        band_top = self.band_row[level] * self.tile
-        band_rows = min(self.tile, self.sizes[level][1] - band_top)
-        if self.filled[level] < band_rows:
-            return
-        self._flush(level, band_rows)
-
-    def _flush(self, level: int, band_rows: int) -> None:
-        width = self.sizes[level][0]
-        band = self.bands[level][:band_rows, :width]
-        if level in self.keep:
-            for x in range(0, width, self.tile):  # a copy: the band is filled again while the tile waits
-                self.emit(level, np.array(band[:, x:x + self.tile], copy=True))
-                self.emitted[level] += 1
-        if level == self.collect:
-            top = self.band_row[level] * self.tile
-            self.overview[top:top + band_rows] = band
-        self.band_row[level] += 1
-        self.filled[level] = 0
-        if level + 1 < len(self.sizes):
-            below = self.bands[level + 1]
-            y = ((self.band_row[level] - 1) % 2) * (self.tile // 2)
-            for x in range(0, width, _REDUCE_CHUNK_COLUMNS):
-                small = downsample2(band[:, x:x + _REDUCE_CHUNK_COLUMNS], self.mode)
-                below[y:y + small.shape[0], x // 2:x // 2 + small.shape[1]] = small
-            self._add_rows(level + 1, (band_rows + 1) // 2)
-
-    def check_complete(self) -> None:
-        for level in sorted(self.keep):
-            w, h = self.sizes[level]
-            expected = math.ceil(w / self.tile) * math.ceil(h / self.tile)
-            if self.emitted[level] != expected:
-                raise RuntimeError(f"pyramid level {level}: {self.emitted[level]} tiles built, "
-                                   f"expected {expected}")
-
-
-def reduce_tile(pixels: np.ndarray, value: int | None, mode: str) -> np.ndarray:
-    """The 2x2 reduction of a level-0 tile; a uniform tile (`value`) reduces to the same value in every mode
-    (majority: 255 or 0)."""
-    if value is None:
-        return downsample2(pixels, mode)
-    reduced = value if mode != "majority" else (255 if value >= 128 else 0)
-    return np.full(((pixels.shape[0] + 1) // 2, (pixels.shape[1] + 1) // 2), reduced, np.uint8)
 
 
 def _validate(width, height, channels, tile, compression, quality, downsample, mpp, app_mag, min_level_size):
@@ -377,37 +137,6 @@ def _validate(width, height, channels, tile, compression, quality, downsample, m
         raise ConfigError(f"app_mag={app_mag!r}: the objective magnification must be positive (e.g. 40)")
 
 
-def _validate_aperio_pages(aperio, level_step, thumbnail, label, macro) -> int | None:
-    """Checks the Aperio layout keywords; returns the thumbnail's largest long side (None: no thumbnail)."""
-    _halvings(level_step)
-    if isinstance(thumbnail, bool):
-        thumb_size = THUMBNAIL_SIZE if thumbnail else None
-    elif isinstance(thumbnail, (int, np.integer)) and thumbnail >= 16:
-        thumb_size = int(thumbnail)
-    else:
-        raise ConfigError(f"thumbnail={thumbnail!r}: use True (long side at most {THUMBNAIL_SIZE} px), "
-                          "False, or the largest long side in pixels (at least 16)")
-    for name, value in (("thumbnail", thumb_size), ("label", label), ("macro", macro)):
-        if value is not None and not aperio:
-            raise ConfigError(f"{name}: thumbnail, label and macro pages belong to the Aperio SVS layout; "
-                              "pass aperio=True (or leave them out of a generic TIFF)")
-    for name, value in (("label", label), ("macro", macro)):
-        if value is not None and not callable(value):
-            _check_associated(name, value)
-    return thumb_size
-
-
-def _check_associated(name: str, image) -> np.ndarray:
-    """A label or macro image: uint8, H x W or H x W x 3, at most 65535 px a side."""
-    image = np.asarray(image)
-    if (image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3)
-            or min(image.shape[:2]) < 1 or max(image.shape[:2]) > 65535):
-        raise ConfigError(f"{name} image {image.dtype} {image.shape}: give uint8 pixels, H x W x 3 (RGB) or "
-                          "H x W, at most 65535 px a side (or a function of the low-resolution slide image "
-                          "that returns them)")
-    return np.ascontiguousarray(image)
-
-
 class _SourceFailed(Exception):
     """Carries an OSError raised by `read_tile` past the handler for write errors (it is re-raised as is)."""
 
@@ -425,16 +154,6 @@ def _check_tile(pixels, l0_x, l0_y, w, h, channels) -> np.ndarray:
     return pixels
 
 
-def _stripped_codec(compression: str, quality: int, image: np.ndarray) -> dict:
-    """tifffile arguments that compress a stripped page (JPEG RGB as YCbCr 2x2, like the tiles)."""
-    if compression == "jpeg":
-        codec = dict(compression="jpeg", compressionargs={"level": quality})
-        if image.ndim == 3:
-            codec["subsampling"] = (2, 2)
-        return codec
-    return dict(compression=compression)
-
-
 def _open_output(path: Path):
     """The temporary output file (a seam the tests use to simulate a full disk)."""
     return open(path, "wb")
@@ -445,106 +164,6 @@ def _remove_quietly(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-# ---------------------------------------------------------------------------------------------------
-# the encoding pool
-
-_POOL_LOCK = threading.Lock()
-_SHARED_POOL: dict = {"pool": None, "users": 0}
-
-
-def _acquire_pool(pool) -> tuple[Executor, Callable[[], None]]:
-    """The executor that encodes tiles and a function that gives it back (idempotent).
-
-    None: the process-wide pool of `usable_cpus()` threads, shared by every writer open at the same time
-    (the probability map and the mask of a slide) and shut down when the last of them gives it back; an
-    int n >= 1: a pool of n threads for this writer alone; an `Executor`: used as it is, never shut down."""
-    if isinstance(pool, Executor):
-        return pool, lambda: None
-    if pool is None:
-        with _POOL_LOCK:
-            if _SHARED_POOL["pool"] is None:
-                _SHARED_POOL["pool"] = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="fastgicn-encode")
-            _SHARED_POOL["users"] += 1
-            executor = _SHARED_POOL["pool"]
-        released = []
-
-        def release_shared() -> None:
-            with _POOL_LOCK:
-                if released:
-                    return
-                released.append(True)
-                _SHARED_POOL["users"] -= 1
-                last = _SHARED_POOL["users"] == 0 and _SHARED_POOL["pool"] is executor
-                if last:
-                    _SHARED_POOL["pool"] = None
-            if last:
-                executor.shutdown(wait=True)
-
-        return executor, release_shared
-    if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1:
-        raise ConfigError(f"pool={pool!r}: give a number of encoding threads (>= 1), a "
-                          "concurrent.futures.Executor, or None for the shared pool sized to the usable cores")
-    executor = ThreadPoolExecutor(int(pool), thread_name_prefix="fastgicn-encode")
-    return executor, lambda: executor.shutdown(wait=True)
-
-
-def _pool_threads(executor: Executor) -> int:
-    return int(getattr(executor, "_max_workers", 0) or usable_cpus())
-
-
-def _encode_level0(encode: _TileEncoder, pixels: np.ndarray, mode: str | None):
-    """Pool task for one level-0 tile: (encoded bytes, its 2x2 reduction or None, seconds)."""
-    t0 = time.perf_counter()
-    value = uniform_value(pixels)
-    small = None if mode is None else reduce_tile(pixels, value, mode)
-    return encode(pixels, value), small, time.perf_counter() - t0
-
-
-def _encode_timed(encode: _TileEncoder, block: np.ndarray):
-    t0 = time.perf_counter()
-    return encode(block), time.perf_counter() - t0
-
-
-class _LowerLevels:
-    """Encodes the tiles of levels 1..n on the pool and spools them in the order they were emitted."""
-
-    def __init__(self, executor: Executor, encode: _TileEncoder, spool: _Spool, limit: int, stats: dict):
-        self.executor, self.encode, self.spool, self.limit, self.stats = executor, encode, spool, limit, stats
-        self.pending: collections.deque = collections.deque()
-
-    def emit(self, level: int, block: np.ndarray) -> None:
-        self.pending.append((level, self.executor.submit(_encode_timed, self.encode, block)))
-        while self.pending and (len(self.pending) > self.limit or self.pending[0][1].done()):
-            self._spool_first()
-
-    def _spool_first(self) -> None:
-        level, future = self.pending.popleft()
-        data, seconds = _result(future, self.stats)
-        self.stats["encode_seconds"] += seconds
-        self.spool.add(level, data)
-
-    def drain(self) -> None:
-        while self.pending:
-            self._spool_first()
-
-
-def _result(future, stats: dict):
-    if future.done():
-        return future.result()
-    t0 = time.perf_counter()
-    try:
-        return future.result()
-    finally:
-        stats["wait_seconds"] += time.perf_counter() - t0
-
-
-def _cancel(futures) -> None:
-    """Cancel what has not started and wait for what has (no task outlives its writer)."""
-    futures = [f for f in futures if not f.cancel()]
-    if futures:
-        concurrent.futures.wait(futures)
 
 
 Level0Tiles = Iterator[tuple[int, int, np.ndarray]]  # (t_row, t_col, pixels) in row-major order
@@ -993,3 +612,35 @@ class PyramidWriter:
                 self._queue.get_nowait()
         self._thread.join()
         self._closed = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# the segmentation maps: single-channel rows pushed as the stitcher finishes them
+
+# Deflate level of the segmentation maps (probability and mask), chosen by measurement on a probability map
+# of the demo slide (bench/bench_writers.py; docs/outputs.md): level 1 encodes several times faster than
+# the codec default of 6 for a few percent more bytes.
+MAP_DEFLATE_LEVEL = 1
+
+
+class PyramidBandWriter(PyramidWriter):
+    """Stream a `width` x `height` single-channel uint8 image into a pyramidal tiled TIFF, rows in order.
+
+    `write_rows(y0, rows)` takes the next rows (y0 must follow the previous call); `close()` waits for the file
+    to be complete and renamed into place; `abort()` discards it. Tiles are encoded by `pool` (None: the pool
+    shared by every writer open at once, sized to the usable cores; see `fastgicn.outputs.tiff`).
+    `downsample` is "mean" for probabilities and "majority" for 0/255 labels; `compression_level` the deflate
+    level (default `MAP_DEFLATE_LEVEL`). Memory: about ``(queue_bands + 3) * tile * width`` bytes;
+    `write_rows` blocks while the writer is behind.
+    """
+
+    def __init__(self, path, width: int, height: int, *, mpp: float | None = None, tile: int = 256,
+                 compression: str = "deflate", downsample: str = "mean", description: str | None = None,
+                 queue_bands: int = 1, compression_level: int | None = None, pool=None,
+                 min_level_size: int = 1024):
+        if compression_level is None and compression == "deflate":
+            compression_level = MAP_DEFLATE_LEVEL
+        super().__init__(path, width, height, channels=1, tile=tile, compression=compression,
+                         compression_level=compression_level, downsample=downsample, mpp=mpp,
+                         description=description, min_level_size=min_level_size, pool=pool,
+                         queue_bands=queue_bands)

@@ -1,0 +1,70 @@
+"""A reduced copy of the stitched rows (block means at a power-of-two scale), for polygons, the overlay and areas."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = ["LowRes", "lowres_factor"]
+
+
+class LowRes:
+    """Block means of a stream of uint8 rows: image (height, width) -> (ceil(height/f), ceil(width/f)).
+
+    `add(y0, rows)` takes rows in order; `result()` gives the mean of each block rounded to uint8 (half to
+    even; partial blocks at the right and bottom edges average the pixels they have). For a 0/255 mask,
+    ``result() >= 128`` is exactly "at least half of the block is set". Also counts pixels >= `count_threshold`.
+    """
+
+    def __init__(self, width: int, height: int, factor: int, count_threshold: int = 128):
+        if factor < 1:
+            raise ConfigError(f"factor={factor}: use an integer >= 1")
+        self.width, self.height, self.factor = int(width), int(height), int(factor)
+        self.out_w, self.out_h = math.ceil(width / factor), math.ceil(height / factor)
+        self.out = np.zeros((self.out_h, self.out_w), np.uint8)
+        self._col_starts = np.arange(0, self.width, factor)
+        self._col_counts = np.diff(np.append(self._col_starts, self.width))
+        self._acc = np.zeros(self.width, np.uint64)
+        self._rows_in_block = 0
+        self._next = 0
+        self.count_threshold = count_threshold
+        self.count = 0  # pixels >= count_threshold seen so far
+
+    def add(self, y0: int, rows: np.ndarray) -> None:
+        if y0 != self._next:
+            raise ConfigError(f"LowRes rows must come in order: got {y0}, expected {self._next}")
+        self._next += len(rows)
+        blank = not rows.any()  # glass gaps: nothing to count or add, only the bookkeeping
+        if not blank:
+            self.count += int(np.count_nonzero(rows >= self.count_threshold))
+        i = 0
+        f = self.factor
+        while i < len(rows):
+            y = y0 + i
+            block = y // f
+            block_end = min((block + 1) * f, self.height)
+            take = min(len(rows) - i, block_end - y)
+            if not blank:
+                self._acc += rows[i:i + take].sum(axis=0, dtype=np.uint64)
+            self._rows_in_block += take
+            i += take
+            if y + take == block_end:
+                sums = np.add.reduceat(self._acc, self._col_starts)
+                self.out[block] = np.rint(sums / (self._col_counts * self._rows_in_block))
+                self._acc[:] = 0
+                self._rows_in_block = 0
+
+    def result(self) -> np.ndarray:
+        if self._next != self.height:
+            raise ConfigError(f"LowRes got {self._next} of {self.height} rows")
+        return self.out
+
+
+def lowres_factor(width: int, height: int, max_side: int) -> int:
+    """The smallest power of two f with ceil(max(width, height) / f) <= max_side."""
+    f = 1
+    while math.ceil(max(width, height) / f) > max_side:
+        f *= 2
+    return f

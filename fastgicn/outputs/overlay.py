@@ -1,0 +1,76 @@
+"""The overlay PNG: the slide's thumbnail tinted where the mask says tumour, tumour outlines drawn solid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import ConfigError
+from .atomic import atomic_path
+from .polygons import TUMOR_COLOR
+
+__all__ = ["overlay_image", "write_overlay_png", "write_slide_overlay", "block_majority"]
+
+
+def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, color=TUMOR_COLOR, alpha: float = 0.45) -> np.ndarray:
+    """The thumbnail (h, w, 3) tinted with `color` where `mask` is set, tumour outlines drawn solid.
+    Integer arithmetic, a band of rows at a time (temporaries stay small for large thumbnails)."""
+    if thumbnail.shape[:2] != mask.shape:
+        raise ConfigError(f"thumbnail {thumbnail.shape[:2]} and mask {mask.shape} differ in size")
+    mask = mask.astype(bool)
+    out = np.array(thumbnail[..., :3], np.uint8, copy=True)
+    a = int(round(alpha * 256))
+    c = np.asarray(color, np.uint16) * a + 128
+    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    for r in range(0, len(out), 256):
+        band, m = out[r:r + 256], mask[r:r + 256]
+        band[m] = ((band[m].astype(np.uint16) * (256 - a) + c) >> 8).astype(np.uint8)
+        band[edge[r:r + 256]] = color
+    return out
+
+
+def write_overlay_png(path, thumbnail: np.ndarray, mask: np.ndarray, max_side: int = 2048) -> Path:
+    """Overlay of the mask on the thumbnail as a PNG, shrunk so its long side is at most `max_side`."""
+    from PIL import Image
+
+    img = Image.fromarray(overlay_image(thumbnail, mask))
+    if max(img.size) > max_side:
+        s = max_side / max(img.size)
+        img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.LANCZOS)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", optimize=False)
+    return path
+
+
+def write_slide_overlay(path, slide, low: np.ndarray, low_factor: int, level_downsample: float,
+                        max_side: int = 2048) -> Path:
+    """The overlay PNG of `slide` with the reduced mask `low` (bool; pixel = `low_factor` pixels of the level
+    read, whose downsample is `level_downsample`): the mask reduced by block majority by powers of 2 until its
+    longer side is at most `max_side`, over the slide read at the same downsample."""
+    k = 1
+    while max(low.shape) / k > max_side:
+        k *= 2
+    small = block_majority(low, k)
+    thumb = slide.downsampled(max(1, int(round(low_factor * k * level_downsample))))
+    if thumb.shape[:2] != small.shape:
+        from PIL import Image
+        thumb = np.asarray(Image.fromarray(thumb).resize((small.shape[1], small.shape[0]), Image.BOX))
+    return write_overlay_png(path, thumb, small, max_side=max_side)
+
+
+def block_majority(mask: np.ndarray, k: int) -> np.ndarray:
+    """k x k blocks of a bool mask -> True where at least half of the block's pixels (edge blocks: of the
+    pixels they have) are set. One block row at a time, so temporaries stay small."""
+    if k == 1:
+        return mask
+    h, w = mask.shape
+    cols = np.arange(0, w, k)
+    col_counts = np.diff(np.append(cols, w))
+    out = np.empty((len(range(0, h, k)), len(cols)), bool)
+    for i, r in enumerate(range(0, h, k)):
+        band = mask[r:r + k]
+        sums = np.add.reduceat(band.sum(axis=0, dtype=np.int32), cols)
+        out[i] = 2 * sums >= col_counts * len(band)
+    return out
