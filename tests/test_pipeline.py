@@ -38,10 +38,11 @@ class LocalModel(nn.Module):
         k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
         weight = torch.stack([k, -k, 0.5 * k])[None]  # 1 x 3 x 3 x 3
         self.register_buffer("weight", weight)
-        self.calls = 0
+        self.calls = self.tiles = 0
 
     def forward(self, x):
         self.calls += 1
+        self.tiles += x.shape[0]
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         v = torch.round((x * std + mean) * 255)  # the exact pixel values again
@@ -89,6 +90,7 @@ def test_local_model_segments_like_the_whole_image(tmp_path, stitch):
     res = segment_slide(img, tmp_path, model, config, name="arr", mpp=0.5, stitch=stitch, threads=2,
                         progress=False, min_region_um2=0)
     assert len(os.listdir("/proc/self/fd")) == fds and not fastgicn_threads()  # no handle or thread left
+    seen = model.tiles  # (before the reference below runs the model too)
     stride = tile - overlap
     n_cols, n_rows = 1 + -(-(w - tile) // stride), 1 + -(-(h - tile) // stride)
     ref = whole_image_reference(model, img, (n_cols - 1) * stride + tile, (n_rows - 1) * stride + tile)
@@ -100,7 +102,9 @@ def test_local_model_segments_like_the_whole_image(tmp_path, stitch):
     np.testing.assert_array_equal(mask, np.where(ref >= 128, 255, 0))
     rep = json.loads(open(res.outputs["report"]).read())
     assert rep == json.loads(json.dumps(res.report))
-    assert rep["tiles"]["candidates"] == rep["tiles"]["read"] == n_cols * n_rows == rep["tiles"]["segmented"]
+    # against counts made here: every tile of the grid, none rejected, each one seen by the model
+    assert (rep["tiles"]["candidates"], rep["tiles"]["read"], rep["tiles"]["rejected"], rep["tiles"]["segmented"]) \
+        == (n_cols * n_rows, n_cols * n_rows, 0, n_cols * n_rows) == (seen, seen, 0, seen)
     assert rep["tumour"]["pixels"] == int((ref >= 128).sum())
     assert rep["tumour"]["area_mm2"] == pytest.approx((ref >= 128).sum() * 0.25 / 1e6)
     assert rep["stitch"] == stitch and rep["config"]["overlap"] == overlap

@@ -116,8 +116,11 @@ def _check_tiff_extents(path: str) -> None:
     try:
         with _tiff_problems() as problems, tifffile.TiffFile(path) as tf:
             extents = list(_page_extents(tf))
+            grids = [g for g in map(_tile_grid_problem, tf.pages) if g]
     except Exception:
         return
+    if grids:  # before OpenSlide reads a tile: a 1-TB tile size aborts the process in GLib's allocator
+        raise SlideError(f"{path}: the TIFF is corrupt ({grids[0]}): copy it again from the scanner")
     for msg in problems.messages:
         if "invalid page offset" in msg or "corrupted" in msg.lower():
             raise SlideError(f"{path}: the TIFF's directory chain is broken ({msg.strip()}); the file is "
@@ -126,3 +129,22 @@ def _check_tiff_extents(path: str) -> None:
         if end > size:
             raise SlideError(f"{path}: truncated: image data of TIFF page {i} ends at byte {end} but the "
                              f"file has {size} bytes; copy it again from the scanner")
+
+
+MAX_TILE_SIDE = 1 << 14  # tiles are 240-1024 pixels; a bigger tile side is a damaged tag
+
+
+def _tile_grid_problem(page) -> str | None:
+    """What is wrong with a tiled page's tile geometry (a side beyond `MAX_TILE_SIDE`, or not as many tile
+    offsets and byte counts as its tile grid has: a damaged width, length or tile size), or None."""
+    if not page.is_tiled or int(getattr(page, "imagedepth", 1) or 1) != 1:
+        return None
+    tw, th, w, h = (int(v) for v in (page.tilewidth, page.tilelength, page.imagewidth, page.imagelength))
+    if not (0 < tw <= MAX_TILE_SIDE and 0 < th <= MAX_TILE_SIDE):
+        return f"page {page.index} has {tw} x {th} pixel tiles"
+    planes = int(page.samplesperpixel) if int(page.planarconfig) == 2 else 1
+    expected = -(-w // tw) * -(-h // th) * planes
+    if len(page.dataoffsets) != expected or len(page.databytecounts) != expected:
+        return (f"page {page.index} is {w} x {h} pixels in {tw} x {th} tiles, {expected} tiles, but lists "
+                f"{len(page.dataoffsets)} tile offsets and {len(page.databytecounts)} byte counts")
+    return None
