@@ -139,6 +139,7 @@ def _decoder(page, path: str, index: int) -> tuple[Callable[[bytes], np.ndarray]
         ycbcr = comp == 33003
 
         def decode(data: bytes) -> np.ndarray:
+            _check_j2k_size(data, shape)  # before decoding: one flipped bit in SIZ can claim gigabytes
             arr = check(imagecodecs.jpeg2k_decode(data))
             return ycbcr_to_rgb(arr) if ycbcr else arr
         return decode, channels
@@ -155,6 +156,18 @@ def _decoder(page, path: str, index: int) -> tuple[Callable[[bytes], np.ndarray]
             arr = imagecodecs.delta_decode(arr, axis=-2)
         return arr
     return decode, channels
+
+
+def _check_j2k_size(data: bytes, shape: tuple[int, int, int]) -> None:
+    """Raise ValueError when a JPEG 2000 codestream's SIZ marker declares another image size or component
+    count than the tile's (a corrupt header must not make OpenJPEG allocate and decode a huge image)."""
+    if len(data) < 42 or data[:4] != b"\xff\x4f\xff\x51":
+        return  # not a bare codestream: left to the decoder
+    xsiz, ysiz, xo, yo = (int.from_bytes(data[i:i + 4], "big") for i in (8, 12, 16, 20))
+    components = int.from_bytes(data[40:42], "big")
+    if (ysiz - yo, xsiz - xo) != shape[:2] or components != shape[2]:
+        raise ValueError(f"the JPEG 2000 header declares {xsiz - xo} x {ysiz - yo} pixels with {components} "
+                         f"components, expected {shape[1]} x {shape[0]} with {shape[2]}")
 
 
 def _compression_name(code: int) -> str:
