@@ -534,3 +534,99 @@ def band_shift(band, Py_ssize_t m):
         if m < rows:
             memmove(&raw[0, 0], &raw[m, 0], (rows - m) * row_bytes)
         memset(&raw[rows - m, 0], 0, m * row_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics of single-channel uint8 maps for the writers: is a tile uniform, what is a band's maximum
+# and how many of its pixels reach a threshold. One pass each, the GIL released, rows walked with their
+# own stride (a tile cut from a band is not copied).
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <stddef.h>
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define FG_CLONES2 __attribute__((target_clones("avx2", "default"), noinline))
+    #else
+    #define FG_CLONES2
+    #endif
+    /* OR of (pixel ^ v) over a packed row: 0 exactly when every pixel equals v. */
+    FG_CLONES2 static uint8_t fg_row_diff(const uint8_t *s, Py_ssize_t w, uint8_t v) {
+        uint8_t acc = 0;
+        for (Py_ssize_t x = 0; x < w; x++) acc |= (uint8_t)(s[x] ^ v);
+        return acc;
+    }
+    /* max of a packed row, and the count of pixels >= thr added to *count */
+    FG_CLONES2 static uint8_t fg_row_max_count(const uint8_t *s, Py_ssize_t w, uint8_t thr, Py_ssize_t *count) {
+        uint8_t m = 0;
+        Py_ssize_t c = 0;
+        for (Py_ssize_t x = 0; x < w; x++) {
+            uint8_t p = s[x];
+            m = p > m ? p : m;
+            c += p >= thr;
+        }
+        *count += c;
+        return m;
+    }
+    """
+    uint8_t _row_diff "fg_row_diff"(const uint8_t* s, Py_ssize_t w, uint8_t v) nogil
+    uint8_t _row_max_count "fg_row_max_count"(const uint8_t* s, Py_ssize_t w, uint8_t thr, Py_ssize_t* count) nogil
+
+
+cdef extern from "numpy/arrayobject.h":
+    # the raw data pointer and strides of an ndarray, without building a typed memoryview (which costs
+    # microseconds per call: these functions run once per TIFF tile)
+    ctypedef struct PyArrayObject:
+        pass
+    void* PyArray_DATA(PyArrayObject* arr) nogil
+    Py_ssize_t* PyArray_STRIDES(PyArrayObject* arr) nogil
+    Py_ssize_t* PyArray_DIMS(PyArrayObject* arr) nogil
+
+
+cdef _u8_rows(a, str name):
+    """`a` as a 2-D uint8 ndarray whose rows are packed (a copy only when they are not)."""
+    if type(a) is not np.ndarray:
+        a = np.asarray(a)
+    if a.dtype != np.uint8 or a.ndim != 2:
+        raise ConfigError(f"{name}: expected a 2-D uint8 array, got {_describe(a)}")
+    if a.strides[1] != 1 and a.shape[1] > 1:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def uniform_u8(block):
+    """The value of a 2-D uint8 block whose pixels are all equal, else -1 (also for an empty block).
+    Stops at the first row that differs."""
+    arr = _u8_rows(block, "uniform_u8")
+    cdef PyArrayObject* a = <PyArrayObject*>arr
+    cdef Py_ssize_t h = PyArray_DIMS(a)[0], w = PyArray_DIMS(a)[1], stride = PyArray_STRIDES(a)[0], y
+    if h == 0 or w == 0:
+        return -1
+    cdef const uint8_t* p = <const uint8_t*>PyArray_DATA(a)
+    cdef uint8_t first = p[0]
+    cdef int same = 1
+    with nogil:
+        for y in range(h):
+            if _row_diff(p + y * stride, w, first):
+                same = 0
+                break
+    return <int>first if same else -1
+
+
+def max_count_u8(rows, threshold=128):
+    """(maximum, number of pixels >= threshold) of a 2-D uint8 array in one pass ((0, 0) when empty)."""
+    arr = _u8_rows(rows, "max_count_u8")
+    cdef uint32_t thr = _check_threshold(threshold)
+    cdef PyArrayObject* a = <PyArrayObject*>arr
+    cdef Py_ssize_t h = PyArray_DIMS(a)[0], w = PyArray_DIMS(a)[1], stride = PyArray_STRIDES(a)[0], y
+    cdef Py_ssize_t count = 0
+    cdef uint8_t m = 0, r
+    if h == 0 or w == 0:
+        return 0, 0
+    cdef const uint8_t* p = <const uint8_t*>PyArray_DATA(a)
+    with nogil:
+        for y in range(h):
+            r = _row_max_count(p + y * stride, w, <uint8_t>thr, &count)
+            if r > m:
+                m = r
+    return int(m), int(count)

@@ -41,3 +41,10 @@ def fixed_to_u8(acc: npt.NDArray[np.uint16], out: npt.NDArray[np.uint8]) -> None
 
 def band_shift(band: npt.NDArray, m: int) -> None:
     """Move rows m.. of a C-contiguous 2-D band up to row 0 and zero the last m rows."""
+
+def uniform_u8(block: npt.NDArray[np.uint8]) -> int:
+    """The value of a 2-D uint8 block whose pixels are all equal, else -1 (also when empty); stops at the first
+    row that differs."""
+
+def max_count_u8(rows: npt.NDArray[np.uint8], threshold: int = 128) -> tuple[int, int]:
+    """(maximum, number of pixels >= threshold) of a 2-D uint8 array, one pass; (0, 0) when empty."""

@@ -180,8 +180,9 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
                 label = label_u8.view(bool)
             else:  # rows of glass between tissue: no need to threshold zeros
                 label, label_u8 = rows.view(bool), rows
-            prob_writer.write_rows(y0, rows)
-            mask_writer.write_rows(y0, label_u8)
+            # the rows are fresh arrays (or the read-only zeros) that nothing modifies: no copy into the writers
+            prob_writer.write_rows(y0, rows, copy=False)
+            mask_writer.write_rows(y0, label_u8, copy=False)
             summary.add(y0, label_u8)
             if dice is not None:
                 dice.add(y0, label)

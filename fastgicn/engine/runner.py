@@ -58,6 +58,21 @@ def tumour_probability_u8(logits: torch.Tensor, tile_size: int | None = None, ou
     if tile_size is not None and tuple(logits.shape[2:]) != (tile_size, tile_size):
         raise ConfigError(f"the model returned {tuple(logits.shape[2:])} maps for {tile_size}-pixel tiles: it "
                           "must predict at the input resolution")
+    if out is not None and logits.device.type == "cpu" and any(
+            st == 0 and n > 1 for i, (st, n) in enumerate(zip(logits.stride(), logits.shape)) if i != 1):
+        # logits broadcast along N, H or W (a model returning `expand`ed constants): the same elementwise
+        # expression on the distinct values only, then broadcast into `out`: the same bytes, a fraction of
+        # the passes over memory
+        # (NumPy writes the bytes: one thread, where torch's intra-op pool would wake threads that the
+        # reader threads are using)
+        p = tumour_probability_u8(_collapse_broadcast(logits))
+        dest = out.numpy()
+        if p.shape[1:] == (1, 1):  # one value per tile: a fill
+            for i, v in enumerate(p.view(-1).tolist() * (out.shape[0] if p.shape[0] == 1 else 1)):
+                dest[i].fill(v)
+        else:
+            np.copyto(dest, p.expand_as(out).numpy())
+        return out
     logits = logits.float()
     if logits.shape[1] == 2:
         p = torch.sub(logits[:, 1], logits[:, 0])
@@ -68,6 +83,13 @@ def tumour_probability_u8(logits: torch.Tensor, tile_size: int | None = None, ou
     if out is None:
         return p.to(torch.uint8)
     return out.copy_(p)
+
+
+def _collapse_broadcast(t: torch.Tensor) -> torch.Tensor:
+    """`t` with every stride-0 dimension (a broadcast) but the class one reduced to size 1: its distinct
+    elements, which `expand` gives back."""
+    shape = [1 if (st == 0 and i != 1) else n for i, (st, n) in enumerate(zip(t.stride(), t.shape))]
+    return t.as_strided(shape, t.stride(), t.storage_offset())
 
 
 def as_backend(model, device) -> object:

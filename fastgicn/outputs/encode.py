@@ -17,7 +17,7 @@ import numpy as np
 
 from ..cpus import usable_cpus
 from ..errors import ConfigError
-from .reduce import reduce_tile
+from .reduce import reduce_tile, uniform_value
 
 COMPRESSIONS = ("jpeg", "deflate", "lzw")
 # The deflate level when none is given (see DEFAULT_DEFLATE_LEVEL's note in the module docstring).
@@ -38,14 +38,6 @@ def _tile_encoder(compression: str, channels: int, quality: int,
     if compression == "lzw":
         return lambda t: imagecodecs.lzw_encode(t)
     raise ConfigError(f"compression {compression!r}: use one of {COMPRESSIONS}")
-
-
-def uniform_value(block: np.ndarray) -> int | None:
-    """The value of a single-channel block whose pixels are all equal, else None."""
-    if block.ndim != 2:
-        return None
-    low = int(block.min())
-    return low if low == int(block.max()) else None
 
 
 class _TileEncoder:
@@ -150,6 +142,34 @@ def _encode_level0(encode: _TileEncoder, pixels: np.ndarray, mode: str | None):
     return encode(pixels, value), small, time.perf_counter() - t0
 
 
+class _Ready:
+    """A job already done, in the place of a pool future: a uniform tile, encoded from the cache without a
+    round trip through the pool."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value) -> None:
+        self._value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self._value
+
+    def cancel(self) -> bool:
+        return True
+
+
+def _encode_level0_job(executor: Executor, encode: _TileEncoder, pixels: np.ndarray, mode: str | None):
+    """The job of one level-0 tile: done at once for a uniform single-channel tile (its bytes are cached,
+    its reduction is a fill), else `_encode_level0` on the pool."""
+    value = uniform_value(pixels) if encode.channels == 1 else None
+    if value is None:
+        return executor.submit(_encode_level0, encode, pixels, mode)
+    return _Ready((encode(pixels, value), None if mode is None else reduce_tile(pixels, value, mode), 0.0))
+
+
 def _encode_timed(encode: _TileEncoder, block: np.ndarray):
     t0 = time.perf_counter()
     return encode(block), time.perf_counter() - t0
@@ -162,8 +182,12 @@ class _LowerLevels:
         self.executor, self.encode, self.spool, self.limit, self.stats = executor, encode, spool, limit, stats
         self.pending: collections.deque = collections.deque()
 
-    def emit(self, level: int, block: np.ndarray) -> None:
-        self.pending.append((level, self.executor.submit(_encode_timed, self.encode, block)))
+    def emit(self, level: int, block: np.ndarray, value: int | None = None) -> None:
+        """Queue `block` of `level` for encoding; a uniform one (`value`: its pixel) is encoded here, from the
+        cache, before this returns (the caller may refill it)."""
+        job = self.executor.submit(_encode_timed, self.encode, block) if value is None else \
+            _Ready((self.encode(block, value), 0.0))
+        self.pending.append((level, job))
         while self.pending and (len(self.pending) > self.limit or self.pending[0][1].done()):
             self._spool_first()
 

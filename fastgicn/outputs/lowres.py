@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from .._tiler import max_count_u8
 from ..errors import ConfigError
 
 __all__ = ["LowRes", "lowres_factor"]
@@ -27,6 +28,7 @@ class LowRes:
         self._col_starts = np.arange(0, self.width, factor)
         self._col_counts = np.diff(np.append(self._col_starts, self.width))
         self._acc = np.zeros(self.width, np.uint64)
+        self._dirty = False  # whether _acc holds anything but zeros
         self._rows_in_block = 0
         self._next = 0
         self.count_threshold = count_threshold
@@ -36,9 +38,10 @@ class LowRes:
         if y0 != self._next:
             raise ConfigError(f"LowRes rows must come in order: got {y0}, expected {self._next}")
         self._next += len(rows)
-        blank = not rows.any()  # glass gaps: nothing to count or add, only the bookkeeping
+        peak, counted = _max_count(rows, self.count_threshold)  # one pass
+        blank = peak == 0  # glass gaps (and tissue without tumour in a mask): only the bookkeeping
         if not blank:
-            self.count += int(np.count_nonzero(rows >= self.count_threshold))
+            self.count += counted
         i = 0
         f = self.factor
         while i < len(rows):
@@ -48,18 +51,32 @@ class LowRes:
             take = min(len(rows) - i, block_end - y)
             if not blank:
                 self._acc += rows[i:i + take].sum(axis=0, dtype=np.uint64)
+                self._dirty = True
             self._rows_in_block += take
             i += take
             if y + take == block_end:
-                sums = np.add.reduceat(self._acc, self._col_starts)
-                self.out[block] = np.rint(sums / (self._col_counts * self._rows_in_block))
-                self._acc[:] = 0
+                if self._dirty:  # a block of zeros keeps the zeros `out` starts with
+                    sums = np.add.reduceat(self._acc, self._col_starts)
+                    self.out[block] = np.rint(sums / (self._col_counts * self._rows_in_block))
+                    self._acc[:] = 0
+                    self._dirty = False
                 self._rows_in_block = 0
 
     def result(self) -> np.ndarray:
         if self._next != self.height:
             raise ConfigError(f"LowRes got {self._next} of {self.height} rows")
         return self.out
+
+
+def _max_count(rows: np.ndarray, threshold) -> tuple[int, int]:
+    """(max, count of pixels >= threshold) of the rows: one Cython pass (GIL released) for 2-D uint8 rows
+    and a byte threshold, NumPy otherwise."""
+    if rows.dtype == np.uint8 and rows.ndim == 2 and isinstance(threshold, (int, np.integer)) \
+            and not isinstance(threshold, bool) and 0 <= threshold <= 255:
+        return max_count_u8(rows, int(threshold))
+    if not rows.size:
+        return 0, 0
+    return int(rows.max()), int(np.count_nonzero(rows >= threshold))
 
 
 def lowres_factor(width: int, height: int, max_side: int) -> int:

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .._tiler import uniform_u8
 from ..errors import ConfigError
 
 DOWNSAMPLE_MODES = ("mean", "majority", "max")
@@ -73,6 +74,17 @@ def downsample2(block: np.ndarray, mode: str = "mean") -> np.ndarray:
     return np.maximum(np.maximum(a, b), np.maximum(c, d))
 
 
+def uniform_value(block: np.ndarray) -> int | None:
+    """The value of a single-channel block whose pixels are all equal, else None."""
+    if block.ndim != 2:
+        return None
+    if block.dtype == np.uint8 and block.size:  # one Cython pass that stops at the first row that differs
+        value = uniform_u8(block)
+        return None if value < 0 else value
+    low = int(block.min())
+    return low if low == int(block.max()) else None
+
+
 def reduce_tile(pixels: np.ndarray, value: int | None, mode: str) -> np.ndarray:
     """The 2x2 reduction of a level-0 tile; a uniform tile (`value`) reduces to the same value in every mode
     (majority: 255 or 0)."""
@@ -87,7 +99,8 @@ class _Cascade:
 
     `sizes` are every 2x level computed; the tiles of those in `keep` (indices into `sizes`) are handed to
     `emit(level, block)` in row-major order (a copy of its own, so `emit` may encode it later, on another
-    thread), and level `collect` (if not None) is also gathered whole into `overview`."""
+    thread; a uniform single-channel tile comes as `emit(level, view, value)`, not copied: `emit` must use it
+    before it returns), and level `collect` (if not None) is also gathered whole into `overview`."""
 
     def __init__(self, sizes, channels, tile, mode, emit, keep=None, collect=None):
         self.sizes, self.tile, self.mode, self.emit = sizes, tile, mode, emit
@@ -133,8 +146,13 @@ class _Cascade:
         width = self.sizes[level][0]
         band = self.bands[level][:band_rows, :width]
         if level in self.keep:
-            for x in range(0, width, self.tile):  # a copy: the band is filled again while the tile waits
-                self.emit(level, np.array(band[:, x:x + self.tile], copy=True))
+            for x in range(0, width, self.tile):
+                block = band[:, x:x + self.tile]
+                value = uniform_value(block)
+                if value is None:  # a copy: the band is filled again while the tile waits
+                    self.emit(level, np.array(block, copy=True))
+                else:  # glass or a constant map: encoded from its value at once, no copy
+                    self.emit(level, block, value)
                 self.emitted[level] += 1
         if level == self.collect:
             top = self.band_row[level] * self.tile
@@ -145,7 +163,9 @@ class _Cascade:
             below = self.bands[level + 1]
             y = ((self.band_row[level] - 1) % 2) * (self.tile // 2)
             for x in range(0, width, _REDUCE_CHUNK_COLUMNS):
-                small = downsample2(band[:, x:x + _REDUCE_CHUNK_COLUMNS], self.mode)
+                chunk = band[:, x:x + _REDUCE_CHUNK_COLUMNS]
+                value = uniform_value(chunk)  # a uniform chunk reduces to its value: no arithmetic
+                small = downsample2(chunk, self.mode) if value is None else reduce_tile(chunk, value, self.mode)
                 below[y:y + small.shape[0], x // 2:x // 2 + small.shape[1]] = small
             self._add_rows(level + 1, (band_rows + 1) // 2)
 

@@ -80,7 +80,7 @@ from .encode import (
     DEFAULT_DEFLATE_LEVEL,
     _acquire_pool,
     _cancel,
-    _encode_level0,
+    _encode_level0_job,
     _LowerLevels,
     _pool_threads,
     _result,
@@ -294,7 +294,7 @@ def _write_levels(fh, plan: _Plan, tiles: Level0Tiles, spool: _Spool, encode: _T
         for i in range(total):
             while submitted < total and len(pending) < lookahead:
                 t_row, t_col, pixels = next(tiles)
-                pending.append((t_row, t_col, pixels, executor.submit(_encode_level0, encode, pixels, mode)))
+                pending.append((t_row, t_col, pixels, _encode_level0_job(executor, encode, pixels, mode)))
                 submitted += 1
             t_row, t_col, pixels, future = pending.popleft()
             data, small, seconds = _result(future, stats)
@@ -556,7 +556,10 @@ class PyramidWriter:
             except queue.Full:
                 continue
 
-    def write_rows(self, y0: int, rows: np.ndarray) -> None:
+    def write_rows(self, y0: int, rows: np.ndarray, copy: bool = True) -> None:
+        """Append `rows` (see the class docstring). `copy=False`: whole bands of `rows` that start on a band
+        boundary are handed to the writer as views, not copied; the caller promises never to modify `rows`
+        afterwards (the pipeline's stitched rows are fresh arrays)."""
         if self._closed:
             raise ConfigError(f"{self.path}: write_rows after close")
         if y0 != self._next_row:
@@ -574,6 +577,11 @@ class PyramidWriter:
         while i < len(rows):
             if self._band is None:
                 n = min(self.tile, self.height - self._band_top)
+                if not copy and len(rows) - i >= n:  # a whole band: its view, no copy
+                    self._put((self._band_top, rows[i:i + n]))
+                    self._band_top += n
+                    i += n
+                    continue
                 self._band = np.empty((n,) + row_shape, np.uint8)
                 self._band_fill = 0
             take = min(len(rows) - i, len(self._band) - self._band_fill)

@@ -71,11 +71,17 @@ def mask_from_rgb(rgb: np.ndarray, downsample: int = 1, *, min_chroma: int = 8, 
         raise ConfigError(f"mask_from_rgb needs a uint8 (h, w, 3) image, got {rgb.dtype} {rgb.shape}")
     if not 0 <= min_chroma <= max_chroma <= 255:
         raise ConfigError(f"min_chroma={min_chroma}, max_chroma={max_chroma}: use 0 <= min <= max <= 255")
-    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    # per-channel views: numpy's reductions over a last axis of 3 cost ~20x more than elementwise max/min
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    chroma = np.maximum(np.maximum(r, g), b)
+    chroma -= np.minimum(np.minimum(r, g), b)
     t = int(np.clip(otsu_threshold(chroma), min_chroma, max_chroma))
     mask = chroma > t
     if max_dark > 0:
-        mask |= rgb.astype(np.uint16).sum(axis=2) < 3 * max_dark
+        total = r.astype(np.uint16)
+        total += g
+        total += b
+        mask |= total < 3 * max_dark
     area = float(downsample) ** 2
     # dust is small against the slide: on a slide smaller than a few dust specks (OpenSlide's 16 x 16
     # small.svs) an object of a sixteenth of the image is kept
@@ -87,12 +93,14 @@ def mask_from_rgb(rgb: np.ndarray, downsample: int = 1, *, min_chroma: int = 8, 
         small[0] = False
         mask[small[labels]] = False
     if max_hole_l0 > 0 and mask.any():
-        holes = ndimage.binary_fill_holes(mask) & ~mask
-        labels, n = ndimage.label(holes)
+        # holes: the 4-connected pieces of background that do not touch the border (what
+        # ndimage.binary_fill_holes fills), found with one labelling of the background
+        labels, n = ndimage.label(~mask)
         if n:
             sizes = np.bincount(labels.ravel(), minlength=n + 1)
             fill = sizes <= max_hole_l0 / area
             fill[0] = False
+            fill[labels[0]] = fill[labels[-1]] = fill[labels[:, 0]] = fill[labels[:, -1]] = False
             mask[fill[labels]] = True
     return mask
 

@@ -120,18 +120,25 @@ def real_pixels(grid: np.ndarray, extent: tuple[int, int], downsample: float, ti
 def tiles_touching_mask(grid: np.ndarray, mask: TissueMask, margin: int = 1) -> np.ndarray:
     """Boolean (N,): whether each tile's level-0 rectangle overlaps the mask dilated by `margin` pixels."""
     m = mask.mask
-    if margin > 0:
-        m = ndimage.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=int(margin))
+    # dilating by `margin` 3 x 3 steps (nothing beyond the edge) is a square of radius `margin`: a rectangle
+    # meets the dilated mask exactly when the rectangle grown by `margin` meets the mask itself
+    margin = max(0, int(margin))
     d = mask.downsample
     # summed-area table: any mask pixel in a rectangle is one lookup of four corners
-    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(m, axis=0, dtype=np.int64), axis=1)
+    dtype = np.int32 if m.size < 2 ** 31 else np.int64
+    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), dtype)
+    np.cumsum(m, axis=0, dtype=dtype, out=sat[1:, 1:])
+    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
     x0 = np.clip(grid[:, 0] // d, 0, m.shape[1])
     y0 = np.clip(grid[:, 1] // d, 0, m.shape[0])
     x1 = np.clip(-(-(grid[:, 0] + grid[:, 2]) // d), 0, m.shape[1])
     y1 = np.clip(-(-(grid[:, 1] + grid[:, 3]) // d), 0, m.shape[0])
+    inside = (x1 > x0) & (y1 > y0)  # the dilated mask has no pixels beyond the mask's own
+    if margin:
+        x0, y0 = np.maximum(x0 - margin, 0), np.maximum(y0 - margin, 0)
+        x1, y1 = np.minimum(x1 + margin, m.shape[1]), np.minimum(y1 + margin, m.shape[0])
     total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-    return total > 0
+    return inside & (total > 0)
 
 
 def tile_background(slide: Slide, grid: np.ndarray, level: int, tile_size: int,
