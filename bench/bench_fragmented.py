@@ -19,7 +19,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +47,11 @@ def fragmented_tile(side: int, seed: int = 0) -> np.ndarray:
     return field > np.quantile(field, 0.62)
 
 
-def run_once(slide, model, config, out_dir, threads):
+def run_once(slide, model, config, out_dir, threads, min_region_um2):
     from fastgicn import segment_slide
 
     res = segment_slide(slide, out_dir, model, config, "cpu", threads=threads, progress=False,
-                        min_region_um2=0)
+                        min_region_um2=min_region_um2)
     return res.report
 
 
@@ -78,9 +77,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--min-region-um2", type=float, default=None,
+                    help="the GeoJSON's speck filter (default: segment's, 100 um^2; 0 keeps every region)")
     ap.add_argument("--out", default="bench/results/fragmented_cpu.json", help="JSON file, or - for stdout")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    from fastgicn.outputs.polygons import DEFAULT_MIN_REGION_UM2
+
+    min_region = DEFAULT_MIN_REGION_UM2 if args.min_region_um2 is None else args.min_region_um2
     config = TileConfig(tile_size=args.tile, target_mpp=0.5, min_tissue_fraction=0.0, tissue_prefilter=False,
                         batch_size=8)
     models = {"all_normal": ConstantLogits(np.zeros((args.tile, args.tile), bool)),
@@ -92,12 +96,13 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             for name, model in models.items():
                 out = work / f"{name}_{r}"
-                rep = run_once(slide, model, config, out, args.threads)
+                rep = run_once(slide, model, config, out, args.threads, min_region)
                 row = {"seconds": rep["seconds"], "tiles": rep["tiles"]["segmented"],
                        "regions": rep["tumour"]["regions"]}
                 if name == "fragmented" and r == 0:
                     row["geojson"] = geojson_check(out / "dense.tumour.geojson",
                                                    rep["tumour"]["pixels"] * rep["read"]["downsample"] ** 2)
+                    row["small_regions_dropped"] = rep["tumour"].get("small_regions_dropped")
                     row["summary_downsample_l0"] = rep["memory"]["summary_downsample"] * rep["read"]["downsample"]
                 runs[name].append(row)
                 print(f"{name} repeat {r}: {rep['seconds']['total']:.2f} s, {row['regions']} regions",
@@ -112,6 +117,7 @@ def main(argv=None) -> int:
         "versions": {"fastgicn": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "slide": {"size": args.size, "mpp": 0.25, "layout": "aperio", "read_mpp": 0.5, "tile": args.tile},
+        "min_region_um2": min_region,
         "median_total_seconds": med,
         "fragmented_over_normal": med["fragmented"] / med["all_normal"],
         "median_stage_seconds": {k: {s: statistics.median(x["seconds"].get(s, 0.0) for x in v) for s in stages}

@@ -432,6 +432,13 @@ def host_ceiling(slide_path, config, *, threads: int = 2, repeats: int = 3, work
                         row["tiles"] = rep.get("tiles")
                 row["ratio"] = (row["flow_tiles_per_s"] / row["decode_tiles_per_s"]
                                 if row.get("flow_tiles_per_s") and row.get("decode_tiles_per_s") else None)
+                # the pipeline's reading stage: its reads' per-thread rate (wall, and CPU) over raw decode's
+                sec = rep.get("seconds") or {}
+                per_thread = row["decode_tiles_per_s"] / threads if row.get("decode_tiles_per_s") else None
+                n_read = (rep.get("tiles") or {}).get("read") or 0
+                for key, stage in (("read_stage_over_decode", "read_threads"),
+                                   ("read_stage_cpu_over_decode", "read_threads_cpu")):
+                    row[key] = (n_read / sec[stage] / per_thread) if per_thread and sec.get(stage) else None
                 row["ratio_loop"] = (row["flow_loop_tiles_per_s"] / row["decode_tiles_per_s"]
                                      if row.get("flow_loop_tiles_per_s") and row.get("decode_tiles_per_s") else None)
                 rounds.append(row)
@@ -448,6 +455,8 @@ def host_ceiling(slide_path, config, *, threads: int = 2, repeats: int = 3, work
             "flow_tiles_per_s": _median([r["flow_tiles_per_s"] for r in rounds]),
             "flow_loop_tiles_per_s": _median([r["flow_loop_tiles_per_s"] for r in rounds]),
             "ratio": ratio, "ratio_loop": _median([r["ratio_loop"] for r in rounds]),
+            "read_stage_over_decode": _median([r.get("read_stage_over_decode") for r in rounds]),
+            "read_stage_cpu_over_decode": _median([r.get("read_stage_cpu_over_decode") for r in rounds]),
             "goal": HOST_CEILING_GOAL, "met": None if ratio is None else ratio >= HOST_CEILING_GOAL,
             "seconds_per_stage_median": _stage_medians(reports),
             "rounds": [{k: v for k, v in r.items() if k != "tiles"} for r in rounds],

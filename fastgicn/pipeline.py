@@ -219,6 +219,7 @@ def segment_slide(slide, out_dir, model, config: TileConfig | None = None, devic
         timings["outputs_streaming"] = sink_seconds[0]
         timings["tiff_writer_threads"] = prob_writer.seconds + mask_writer.seconds
         timings["read_threads"] = batches.stats.read_seconds
+        timings["read_threads_cpu"] = batches.stats.read_cpu_seconds
 
         # polygons and overlay from the reduced mask
         t0 = time.perf_counter()

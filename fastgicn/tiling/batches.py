@@ -56,6 +56,9 @@ class RingStats:
     tiles_read: int = 0
     tiles_rejected: int = 0
     read_seconds: float = 0.0  # summed over reader threads: time inside read_into
+    # the CPU those reads took (thread time): on cores shared with the runner, stitcher and writers the wall
+    # time above also counts the time a reader waited to be scheduled
+    read_cpu_seconds: float = 0.0
     wait_seconds: float = 0.0  # consumer time spent waiting for a batch (the readers are the bottleneck)
     stall_seconds: float = 0.0  # summed over readers: time waiting for a free slot (the consumer is)
     batches: int = 0
@@ -171,7 +174,7 @@ class BatchRing:
 
     # -- reader threads ------------------------------------------------------------------------------
     def _reader(self, k: int) -> None:
-        t_read = t_stall = 0.0
+        t_read = t_stall = t_cpu = 0.0
         read = rejected_count = 0
         try:
             n_tiles, thr, t = len(self.tiles), self.white_threshold, self.tile_size
@@ -210,9 +213,10 @@ class BatchRing:
                         if self._stopping:
                             return
                         x, y = int(self.tiles[i, 0]), int(self.tiles[i, 1])
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.thread_time()
                         background = self.slide.read_into(buf[n], x, y, self.level, thr)
                         t_read += time.perf_counter() - t0
+                        t_cpu += time.thread_time() - c0
                         read += 1
                         real = int(self._real[i])
                         if keep_tile(background - (n_pixels - real), real, self.min_tissue_fraction):
@@ -235,6 +239,7 @@ class BatchRing:
         finally:
             with self._cond:
                 self.stats.read_seconds += t_read
+                self.stats.read_cpu_seconds += t_cpu
                 self.stats.stall_seconds += t_stall
                 self.stats.tiles_read += read
                 self.stats.tiles_rejected += rejected_count

@@ -25,7 +25,6 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from scipy import ndimage
 
 from ..config import TileConfig
 from ..errors import ConfigError
