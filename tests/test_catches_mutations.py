@@ -338,38 +338,12 @@ def test_resume_redoes_another_config_stitch_or_slide_and_a_truncated_output(tmp
 
 
 KILL_SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    from pathlib import Path
-    from torch import nn
-    from fastgicn.models import register_model
+    from fastgicn.config import TileConfig
+    from tiny_models import main_with_checkpoint
 
-    class Slow(nn.Module):
-        # one convolution; sleeps per batch when FASTGICN_TEST_SLOW is set
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 2, 3, padding=1)
-            self.head = self.conv
-            self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-        def forward(self, x):
-            if os.environ.get("FASTGICN_TEST_SLOW"):
-                time.sleep(float(os.environ["FASTGICN_TEST_SLOW"]))
-            return self.conv(x)
-
-    @register_model
-    def kill9_test_slow():
-        return Slow()
-
-    ckpt = Path(sys.argv[1])
-    if not ckpt.exists():
-        from fastgicn.config import TileConfig
-        from fastgicn.models import create_model
-        from fastgicn.train import save_checkpoint
-        save_checkpoint(ckpt, create_model("kill9_test_slow"),
-                        tile_config=TileConfig(tile_size=64, overlap=0, level=0, batch_size=4))
-    from fastgicn.cli import main
-    sys.exit(main(sys.argv[2:] + ["--weights", str(ckpt)]))
+    main_with_checkpoint("kill9_test_slow", TileConfig(tile_size=64, overlap=0, level=0, batch_size=4))
 """)
+
 
 
 def test_kill_9_mid_write_then_the_rerun_redoes_the_unfinished_and_the_truncated(tmp_path):
@@ -378,9 +352,12 @@ def test_kill_9_mid_write_then_the_rerun_redoes_the_unfinished_and_the_truncated
     first = write_raw_svs(tmp_path / "first.svs", glass_with_tissue(256, 256, seed=3))
     second = write_raw_svs(tmp_path / "second.svs", glass_with_tissue(1024, 1024, seed=4))
     out = tmp_path / "out"
-    argv = [sys.executable, str(script), str(tmp_path / "slow.pt"), "segment", str(first), str(second), "-o",
-            str(out), "--torch-threads", "1", "--threads", "1", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])}
+    ckpt = tmp_path / "slow.pt"
+    subprocess.run([sys.executable, str(script), "make", str(ckpt)], check=True, env=env, timeout=120)
+    argv = [sys.executable, str(script), "segment", str(first), str(second), "-o", str(out), "--weights",
+            str(ckpt), "--torch-threads", "1", "--threads", "1", "--no-progress"]
     proc = subprocess.Popen(argv, env={**env, "FASTGICN_TEST_SLOW": "0.3"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:

@@ -59,46 +59,19 @@ def test_help_runs_as_a_command():
 # SIGTERM in the middle of a slide
 
 SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    from pathlib import Path
-    from torch import nn
-    from fastgicn.models import register_model
+    from fastgicn.config import TileConfig
+    from tiny_models import main_with_checkpoint
 
-    class Slow(nn.Module):
-        # one convolution; sleeps per batch when FASTGICN_TEST_SLOW is set, and says when it first ran
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 2, 3, padding=1)
-            self.head = self.conv
-            self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-        def forward(self, x):
-            started = os.environ.get("FASTGICN_TEST_STARTED")
-            if started:
-                Path(started).touch()
-                time.sleep(0.25)
-            return self.conv(x)
-
-    @register_model
-    def sigterm_test_slow():
-        return Slow()
-
-    if sys.argv[1] == "make":
-        from fastgicn.config import TileConfig
-        from fastgicn.models import create_model
-        from fastgicn.train import save_checkpoint
-        save_checkpoint(sys.argv[2], create_model("sigterm_test_slow"),
-                        tile_config=TileConfig(tile_size=64, overlap=0, level=0, batch_size=2))
-    else:
-        from fastgicn.cli import main
-        sys.exit(main(sys.argv[1:]))
+    main_with_checkpoint("sigterm_test_slow", TileConfig(tile_size=64, overlap=0, level=0, batch_size=2))
 """)
+
 
 
 def test_sigterm_mid_slide_removes_partials_says_one_line_and_the_rerun_completes(tmp_path):
     script = tmp_path / "run_fastgicn.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])}
     ckpt = tmp_path / "slow.pt"
     subprocess.run([sys.executable, str(script), "make", str(ckpt)], check=True, env=env, timeout=120)
     done, _ = write_synthetic_slide(tmp_path / "first.svs", 256, 256, seed=1)

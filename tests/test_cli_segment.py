@@ -4,37 +4,19 @@ import json
 import pytest
 import tifffile
 import torch
-from torch import nn
 
 from fastgicn.cli import main
 from fastgicn.config import TileConfig
-from fastgicn.models import register_model
-from fastgicn.models.registry import list_models
 from fastgicn.demo import DEMO_WEIGHTS
 from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import save_checkpoint
+from tiny_models import register
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class Tiny(nn.Module):
-    """A cheap registered model (one 3x3 convolution to two classes) so the command runs in a second."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 2, 3, padding=1)
-        self.head = self.conv
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-if "cli_test_tiny" not in list_models():
-    @register_model
-    def cli_test_tiny() -> nn.Module:
-        return Tiny()
+CLI_TEST_TINY = register("cli_test_tiny")  # tests/tiny_models.py: one convolution, runs in a second
 
 
 @pytest.fixture(scope="module")

@@ -9,39 +9,22 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from torch import nn
 
 from fastgicn.cli import main
 from fastgicn.config import TileConfig
 from fastgicn.engine.base import resolve_device
 from fastgicn.errors import BackendUnavailable, ConfigError, SlideError
-from fastgicn.models import create_model, register_model
-from fastgicn.models.registry import list_models
+from fastgicn.models import create_model
 from fastgicn.demo import DEMO_WEIGHTS
 from fastgicn.slide import open_slide
 from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import TrainConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from tiny_models import register
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class _Conv(nn.Module):
-    """One 3x3 convolution to two classes: the command runs in a second."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 2, 3, padding=1)
-        self.head = self.conv
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-if "untrusted_test_conv" not in list_models():
-    @register_model
-    def untrusted_test_conv() -> nn.Module:
-        return _Conv()
+UNTRUSTED_TEST_CONV = register("untrusted_test_conv")  # tests/tiny_models.py: one convolution, runs in a second
 
 
 @pytest.fixture(scope="module")
