@@ -136,3 +136,23 @@ def test_dpi_placeholder_is_not_a_resolution(tmp_path):
             slide.resolution_for(0.5)
     with open_slide(path, mpp=0.25) as slide:   # --mpp fills it in (and overrides a recorded value)
         assert slide.mpp == 0.25 and slide.resolution_for(0.5).integer_factor == 2
+
+
+def test_thumbnail_reads_a_level_a_hair_coarser_than_asked(tmp_path):
+    """Scanners store 16x as 16.02x: the tissue mask must read that level, not the 4x one below it."""
+    path = tmp_path / "hair.svs"
+    level0 = he_like(1604, 1604, seed=5)
+    small = quarter(quarter(level0))[:100, :100]            # 1604 / 100 = 16.04x
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(level0, tile=(256, 256), photometric="rgb", compression="zlib", metadata=None,
+                 description=APERIO_DESCRIPTION.format(w=1604, h=1604))
+        tw.write(small, tile=(64, 64), photometric="rgb", compression="zlib", metadata=None, subfiletype=1)
+    with open_slide(path) as slide:
+        assert slide.level_downsamples[1] == pytest.approx(16.04)
+        levels = []
+        original = slide._read
+        slide._read = lambda out, x, y, level, t: levels.append(level) or original(out, x, y, level, t)
+        thumb = slide.downsampled(16)
+        assert set(levels) == {1} and thumb.shape == (101, 101, 3)
+        # the thumbnail is that level, resized by 16.04 / 16 (0.25 %): within a grey level or two of it
+        assert np.abs(thumb[:99, :99].astype(int) - small[:99, :99]).mean() < 2

@@ -209,14 +209,20 @@ class Slide:
         """The slide shrunk by an integer `factor` from level 0: (ceil(H / f), ceil(W / f), 3) uint8, pixel
         (i, j) covering level-0 pixels [i f, (i + 1) f) x [j f, (j + 1) f) (white beyond the edge).
 
-        Read from the best pyramid level for `factor`, never from level 0 unless the pyramid has nothing
-        coarser; the remaining factor is a box (mean) filter, or a PIL box resize when not an integer."""
+        Read from the best pyramid level for `factor` (the coarsest not above it, or one at most 1 % above it),
+        never from level 0 unless the pyramid has nothing coarser; the remaining factor is a box (mean) filter,
+        or a PIL box resize when not an integer."""
         if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
             raise ConfigError(f"factor={factor!r}: use an integer >= 1")
         factor = int(factor)
         w0, h0 = self.dimensions
         nw, nh = -(-w0 // factor), -(-h0 // factor)
         level = self.best_level_for_downsample(factor)
+        # a level a hair coarser than asked serves too: scanners store 16x as 16.02x, and the next finer level
+        # (4x) would mean reading 16 times the pixels for a thumbnail or a tissue mask
+        close = [i for i, d in enumerate(self.level_downsamples) if factor < d <= factor * 1.01]
+        if close:
+            level = close[0]
         ds = self.level_downsamples[level]
         rest = factor / ds
         r = int(round(rest))
