@@ -630,3 +630,108 @@ def max_count_u8(rows, threshold=128):
             if r > m:
                 m = r
     return int(m), int(count)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Area average for fractional reduction factors (slide/resolution.py `area_reduce`): each output pixel is the
+# mean of the source over a box with fractional edges, a source pixel weighted by the fraction it covers.
+# Separable: per output row, the <= k source rows it touches are reduced along x with the column weights, then
+# combined with the row weights; float64 throughout, rounded half up.
+
+cdef extern from *:
+    """
+    #include <math.h>
+    static Py_ssize_t fg_area_reduce(const uint8_t *src, Py_ssize_t sstride, Py_ssize_t sh, Py_ssize_t sw,
+                                     uint8_t *dst, Py_ssize_t dstride, Py_ssize_t h, Py_ssize_t w,
+                                     const int64_t *x0, const double *wx, const int64_t *y0, const double *wy,
+                                     Py_ssize_t k, uint32_t thr, double *rows) {
+        Py_ssize_t white = 0;
+        for (Py_ssize_t i = 0; i < h; i++) {
+            for (Py_ssize_t a = 0; a < k; a++) {
+                double *acc = rows + a * 3 * w;
+                Py_ssize_t y = y0[i] + a;
+                if (wy[i * k + a] == 0.0 || y >= sh) {
+                    for (Py_ssize_t j = 0; j < 3 * w; j++) acc[j] = 0.0;
+                    continue;
+                }
+                const uint8_t *row = src + y * sstride;
+                for (Py_ssize_t j = 0; j < w; j++) {
+                    double r = 0.0, g = 0.0, b = 0.0;
+                    for (Py_ssize_t c = 0; c < k; c++) {
+                        double wt = wx[j * k + c];
+                        Py_ssize_t x = x0[j] + c;
+                        if (wt == 0.0 || x >= sw) continue;
+                        const uint8_t *p = row + 3 * x;
+                        r += wt * p[0]; g += wt * p[1]; b += wt * p[2];
+                    }
+                    acc[3 * j] = r; acc[3 * j + 1] = g; acc[3 * j + 2] = b;
+                }
+            }
+            uint8_t *out = dst + i * dstride;
+            for (Py_ssize_t j = 0; j < w; j++) {
+                double v[3] = {0.0, 0.0, 0.0};
+                for (Py_ssize_t a = 0; a < k; a++) {
+                    double wt = wy[i * k + a];
+                    const double *acc = rows + a * 3 * w + 3 * j;
+                    v[0] += wt * acc[0]; v[1] += wt * acc[1]; v[2] += wt * acc[2];
+                }
+                uint32_t q[3];
+                for (int ch = 0; ch < 3; ch++) {
+                    double f = floor(v[ch] + 0.5);
+                    q[ch] = f < 0.0 ? 0u : (f > 255.0 ? 255u : (uint32_t)f);
+                    out[3 * j + ch] = (uint8_t)q[ch];
+                }
+                white += (q[0] > thr) & (q[1] > thr) & (q[2] > thr);
+            }
+        }
+        return white;
+    }
+    """
+    Py_ssize_t _area_reduce "fg_area_reduce"(const uint8_t* src, Py_ssize_t sstride, Py_ssize_t sh, Py_ssize_t sw,
+                                             uint8_t* dst, Py_ssize_t dstride, Py_ssize_t h, Py_ssize_t w,
+                                             const int64_t* x0, const double* wx, const int64_t* y0,
+                                             const double* wy, Py_ssize_t k, uint32_t thr, double* rows) nogil
+
+
+def area_reduce_u8(src, out, x0, wx, y0, wy, threshold=220):
+    """Separable weighted box sums of RGB `src` into `out` (h, w, 3): output (i, j) = sum over a, c of
+    wy[i, a] * wx[j, c] * src[y0[i] + a, x0[j] + c], rounded half up and clipped (indices past the source
+    count as 0 weight). `x0`/`y0` int64 (w,)/(h,), `wx`/`wy` float64 (w, k)/(h, k). Returns the background
+    count of the output."""
+    cdef uint32_t thr = _check_threshold(threshold)
+    src = _as_u8(src, 3, "RGB")
+    if src.strides[0] < 0:
+        src = np.ascontiguousarray(src)
+    if not isinstance(out, np.ndarray) or out.ndim != 3:
+        raise ConfigError(f"area_reduce_u8: out must be a uint8 (h, w, 3) array, got {_describe(out)}")
+    cdef Py_ssize_t h = out.shape[0], w = out.shape[1]
+    _check_out(out, h, w)
+    x0 = np.ascontiguousarray(x0, np.int64)
+    y0 = np.ascontiguousarray(y0, np.int64)
+    wx = np.ascontiguousarray(wx, np.float64)
+    wy = np.ascontiguousarray(wy, np.float64)
+    if x0.shape != (w,) or y0.shape != (h,) or wx.ndim != 2 or wx.shape[0] != w or wy.shape != (h, wx.shape[1]):
+        raise ConfigError(f"area_reduce_u8: weights {wx.shape}/{wy.shape} and starts {x0.shape}/{y0.shape} do not "
+                          f"match an output of {h} x {w}")
+    if (x0.size and x0.min() < 0) or (y0.size and y0.min() < 0):
+        raise ConfigError("area_reduce_u8: source starts must be >= 0")
+    if h == 0 or w == 0:
+        return 0
+    cdef Py_ssize_t k = wx.shape[1]
+    cdef const uint8_t[:, :, :] s = src
+    cdef uint8_t[:, :, :] o = out
+    cdef const int64_t[:] vx0 = x0
+    cdef const int64_t[:] vy0 = y0
+    cdef const double[:, :] vwx = wx
+    cdef const double[:, :] vwy = wy
+    cdef Py_ssize_t white, sh = src.shape[0], sw = src.shape[1], sstride = src.strides[0], dstride = out.strides[0]
+    cdef double *rows = <double *> malloc(k * 3 * w * sizeof(double))
+    if rows == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            white = _area_reduce(&s[0, 0, 0], sstride, sh, sw, &o[0, 0, 0], dstride, h, w, &vx0[0], &vwx[0, 0],
+                                 &vy0[0], &vwy[0, 0], k, thr, rows)
+    finally:
+        free(rows)
+    return white

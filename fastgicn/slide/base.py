@@ -190,8 +190,7 @@ class Slide:
         y0, y1 = area_span(oy, h, res.factor)
         src = self._scratch_rgb(y1 - y0, x1 - x0)
         self._read(src, int(round(x0 * res.level_downsample)), int(round(y0 * res.level_downsample)), res.level, 255)
-        area_reduce(src, ox, oy, x0, y0, res.factor, out)
-        return int(np.count_nonzero((out > threshold).all(axis=2)))
+        return area_reduce(src, ox, oy, x0, y0, res.factor, out, threshold)
 
     def _read(self, out: np.ndarray, l0_x: int, l0_y: int, level: int, threshold: int) -> int:
         raise NotImplementedError
