@@ -18,8 +18,9 @@
 6. GeoJSON polygons, the overlay PNG and the JSON report (written last: it marks the outputs complete).
 
 Every output is written under a temporary name and renamed. `segment_slides(paths, ...)` runs many slides: a
-slide whose report says it is complete for the same model, config and slide file is skipped, a bad slide is
-reported and skipped, and a run killed midway resumes with the first incomplete slide.
+slide whose report says it is complete for the same model, config and slide content is skipped, another slide
+under the same name is refused, a bad slide is reported and skipped (and listed in the failure manifest), and a
+run killed midway resumes with the first incomplete slide.
 """
 from __future__ import annotations
 
@@ -61,7 +62,6 @@ class SlideResult:
     outputs: dict = field(default_factory=dict)
     report: dict | None = None
     error: str | None = None
-
 
 
 def segment_slide(slide, out_dir, model, config: TileConfig | None = None, device="cpu", *, truth=None,
