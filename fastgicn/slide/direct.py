@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import _tiler
 from ..errors import SlideError
-from .base import Slide
+from .base import Slide, _compression_name
 from .openslide import OpenSlideSlide
 
 __all__ = ["DirectTiffSlide", "servable", "DIRECT_VENDORS"]
@@ -168,15 +168,6 @@ def _check_j2k_size(data: bytes, shape: tuple[int, int, int]) -> None:
     if (ysiz - yo, xsiz - xo) != shape[:2] or components != shape[2]:
         raise ValueError(f"the JPEG 2000 header declares {xsiz - xo} x {ysiz - yo} pixels with {components} "
                          f"components, expected {shape[1]} x {shape[0]} with {shape[2]}")
-
-
-def _compression_name(code: int) -> str:
-    try:
-        import tifffile
-
-        return tifffile.COMPRESSION(code).name
-    except Exception:
-        return "unknown"
 
 
 def _level_pages(tf, osr_levels) -> list[int] | str:
