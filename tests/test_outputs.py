@@ -523,3 +523,57 @@ def test_overlay_tints_tumour_and_keeps_the_rest():
     assert inside.sum() == 8 * 13 and (np.abs(out[inside].astype(int) - blend) <= 1).all()
     with pytest.raises(ConfigError):
         overlay_image(thumb, mask[:10])
+
+
+def geos_geojson_text(geoms):
+    """The reference text: GEOS's GeoJSON of each geometry, integral coordinates without ".0"."""
+    import re
+    return [re.sub(r"\.0(?=[,\]])", "", g) for g in shapely.to_geojson(np.asarray(geoms, object)).tolist()]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_paths_give_what_geos_gives(seed):
+    """Validity checked only near corner contacts, and integral GeoJSON typed out with NumPy: the same
+    repairs as checking every polygon, and the same text as GEOS writes."""
+    from fastgicn.outputs import polygons as P
+
+    mask = np.random.default_rng(seed).random((45, 52)) > (0.4 + 0.05 * seed)
+    mask[:3, :4] = True  # touches the border
+    for scale, clip in ((1, None), (16, (52 * 16 - 5, 45 * 16)), (3.25, None), (4, (51 * 4, 45 * 4)),
+                        (10, (50 * 10.0, 44.5 * 10))):
+        regions = mask_to_polygons(mask, scale, clip=clip)
+        geoms = list(regions.geoms)
+        assert all(g.is_valid for g in geoms)
+        fast = P._integral_geojson(regions.geoms)
+        ref = geos_geojson_text(geoms)
+        if not float(scale).is_integer():
+            assert fast is None  # fractional coordinates: GEOS writes them
+        elif shapely.is_empty(regions.geoms).any():
+            assert fast is None  # a region clipped away to nothing: GEOS writes its empty geometry
+        else:
+            assert fast == ref
+        coll = geojson_features(regions)
+        assert [json.dumps(f["geometry"], separators=(",", ":")) for f in json.loads(coll)["features"]] == ref
+    # a clip inside the last pixel's span collapses vertices: every polygon is then checked (and repaired)
+    m = np.zeros((6, 6), bool)
+    m[1:5, 4] = True
+    m[2, 5] = True
+    m[4, 5] = True
+    regions = mask_to_polygons(m, 10, clip=(50, 60))
+    assert all(g.is_valid for g in regions.geoms) and regions.areas.sum() == pytest.approx(40 * 10)
+
+
+def test_validity_shortcut_repairs_the_same_polygons_as_checking_all(monkeypatch):
+    from fastgicn.outputs import polygons as P
+
+    rng = np.random.default_rng(11)
+    masks = [ndimage.gaussian_filter(rng.random((120, 150)), s) > q for s, q in ((0.8, 0.5), (1.5, 0.52))]
+    masks.append(rng.random((60, 60)) > 0.5)
+    for mask in masks:
+        fast = mask_to_polygons(mask, 2)
+        monkeypatch.setattr(P, "_corner_touch_candidates", lambda *a: None)
+        slow = mask_to_polygons(mask, 2)
+        monkeypatch.undo()
+        assert fast.repaired == slow.repaired > 0
+        assert all(a.equals_exact(b, 0) for a, b in zip(fast.geoms, slow.geoms))
+        assert geos_geojson_text(fast.geoms) == geos_geojson_text(slow.geoms)

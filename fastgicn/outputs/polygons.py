@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,12 +126,52 @@ def mask_to_polygons(mask: np.ndarray, scale: float | tuple[float, float] = 1.0,
     small = areas < min_area
     dropped, dropped_area = int(small.sum()), float(areas[small].sum())
     geoms = geoms[~small]
-    bad = np.flatnonzero(~shapely.is_valid(geoms))
+    bad = _invalid(geoms, _corner_touch_candidates(m, xy, ring, poly_of_ring[ring_order], small, sx, sy, clip))
     if len(bad):
         geoms[bad] = [_repair(g) for g in shapely.make_valid(geoms[bad], method="structure",
                                                               keep_collapsed=False)]
     geoms = shapely.orient_polygons(geoms, exterior_cw=False)
     return Regions(geoms, repaired=len(bad), dropped=dropped, dropped_area=dropped_area)
+
+
+def _corner_touch_candidates(m, xy, ring, poly_of_ring, small, sx, sy, clip):
+    """Indices (among the kept regions) of the polygons that can be invalid, or None for "any of them".
+
+    A ring traced along pixel edges is simple, and apart from the other rings of its region, except at a pixel
+    corner where two pixels of the region touch diagonally (a 2x2 block [[1,0],[0,1]] or [[0,1],[1,0]]): there
+    the boundary meets itself and the ring turns, so the corner is one of its vertices. Only polygons with such
+    a vertex are checked. Scaling, clipping and rounding keep this only while they keep the pixel-corner grid
+    strictly ordered; otherwise (a clip inside the last pixel's span, or a tiny scale) every polygon is checked.
+    """
+    h, w = m.shape
+    for n, s, c in ((w, sx, None if clip is None else clip[0]), (h, sy, None if clip is None else clip[1])):
+        grid = np.arange(n + 1, dtype=np.float64) * s
+        if c is not None:
+            np.minimum(grid, float(c), out=grid)
+        if not (sx.is_integer() and sy.is_integer()):
+            grid = np.round(grid, 3)
+        if not (np.diff(grid) > 0).all():
+            return None
+    p = np.pad(m.astype(bool, copy=False), 1)  # corner (x, y) is shared by pixels (x-1..x, y-1..y)
+    a, b, c, d = p[:-1, :-1], p[:-1, 1:], p[1:, :-1], p[1:, 1:]
+    diag = (a == d) & (b == c) & (a != b)
+    if not diag.any():
+        return np.zeros(0, np.int64)
+    hit = diag[xy[:, 1], xy[:, 0]]
+    polys = np.unique(poly_of_ring[ring[hit]])
+    kept_index = np.cumsum(~small) - 1  # polygon index -> index among the kept ones
+    return kept_index[polys[~small[polys]]]
+
+
+def _invalid(geoms, candidates):
+    """Indices of the invalid geometries, checking only `candidates` (None: all)."""
+    import shapely
+
+    if candidates is None:
+        return np.flatnonzero(~shapely.is_valid(geoms))
+    if len(candidates) == 0:
+        return candidates
+    return candidates[~shapely.is_valid(geoms[candidates])]
 
 
 def _repair(fixed):
@@ -167,33 +205,103 @@ def geojson_features(regions: Regions | np.ndarray, *, mpp: float | None = None,
     region.
 
     `mpp` (level 0) adds each region's area in square microns as a measurement; `slide_name` goes into the
-    annotation's metadata as it is (any Unicode). Geometries are written by GEOS (`shapely.to_geojson`, in
-    C) and integral coordinates lose their ".0": no Python list per point (2 M points on a fragmented
-    slide took 1.2 s as lists alone).
+    annotation's metadata as it is (any Unicode). No Python list per point (2 M points on a fragmented
+    slide took 1.2 s as lists alone): integral coordinates (an integral scale) are typed out by NumPy in
+    one pass, the text GEOS would write less its ".0"s; others are written by GEOS (`shapely.to_geojson`).
     """
     import shapely
 
     geoms = regions.geoms if isinstance(regions, Regions) else np.asarray(regions, object)
     if len(geoms) == 0:
         return '{"type":"FeatureCollection","features":[]}'
-    geometry = [_INTEGRAL.sub("", g) for g in shapely.to_geojson(geoms).tolist()]
+    geometry = _integral_geojson(geoms)
+    if geometry is None:  # fractional (or huge) coordinates: GEOS writes them, integral ones lose ".0"
+        geometry = [g.replace(".0,", ",").replace(".0]", "]") for g in shapely.to_geojson(geoms).tolist()]
     props = {"objectType": "annotation", "isLocked": False,
              "classification": {"name": name, "color": [int(c) for c in color]}}
     if slide_name:
         props["metadata"] = {"slide": str(slide_name)}
     fixed = json.dumps(props, separators=(",", ":"), ensure_ascii=False)[:-1]
     areas = (np.round(shapely.area(geoms) * mpp * mpp, 2).tolist() if mpp else None)
-    ids = os.urandom(16 * len(geoms))
+    ids = np.frombuffer(os.urandom(16 * len(geoms)), np.uint8).reshape(-1, 16).copy()
+    ids[:, 6] = ids[:, 6] & 0x0F | 0x40  # random UUIDs (version 4, RFC 4122 variant), as uuid.uuid4 makes
+    ids[:, 8] = ids[:, 8] & 0x3F | 0x80
+    hx = ids.tobytes().hex()
     parts = []
     for i, g in enumerate(geometry):
-        uid = uuid.UUID(bytes=ids[16 * i:16 * i + 16], version=4)
+        k = 32 * i
+        uid = f"{hx[k:k + 8]}-{hx[k + 8:k + 12]}-{hx[k + 12:k + 16]}-{hx[k + 16:k + 20]}-{hx[k + 20:k + 32]}"
         extra = f',"measurements":{{"Area µm^2":{areas[i]!r}}}' if areas is not None else ""
         parts.append(f'{{"type":"Feature","id":"{uid}","geometry":{g},"properties":{fixed}{extra}}}}}')
     return '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
 
 
-# ".0" closing a number in GEOS's GeoJSON: integral coordinates are written as JSON integers
-_INTEGRAL = re.compile(r"\.0(?=[,\]])")
+def _integral_geojson(geoms) -> list[str] | None:
+    """GeoJSON geometry text of each Polygon/MultiPolygon, when every coordinate is a non-negative integer
+    below 10^9 (an integral scale): the text GEOS writes with ".0" dropped, typed out with NumPy in one
+    pass over all points (each point a fixed row of bytes, the unused ones masked out). None otherwise."""
+    import shapely
+
+    types = shapely.get_type_id(geoms)
+    if not np.isin(types, (3, 6)).all() or shapely.is_empty(geoms).any():
+        return None
+    parts, part_geom = shapely.get_parts(geoms, return_index=True)
+    rings, ring_part = shapely.get_rings(parts, return_index=True)
+    counts = shapely.get_num_coordinates(rings)
+    coords = shapely.get_coordinates(rings)
+    if len(coords) == 0 or (counts == 0).any():
+        return None
+    if not ((coords >= 0).all() and (coords < 1e9).all() and (coords == np.floor(coords)).all()
+            and not np.signbit(coords).any()):
+        return None
+    v = coords.astype(np.int64)
+    n = len(v)
+    ring_end = np.cumsum(counts)
+    ring_start = ring_end - counts
+    nr, npart = len(rings), len(parts)
+    first_ring_of_part = np.ones(nr, bool)
+    first_ring_of_part[1:] = ring_part[1:] != ring_part[:-1]
+    last_ring_of_part = np.ones(nr, bool)
+    last_ring_of_part[:-1] = ring_part[1:] != ring_part[:-1]
+    last_part_of_geom = np.ones(npart, bool)
+    last_part_of_geom[:-1] = part_geom[1:] != part_geom[:-1]
+    width = max(1, len(str(int(v.max()))))
+    cols = 8 + 2 * width  # [part [ring [ x , y ] ,|] ,|] ,
+    buf = np.zeros((n, cols), np.uint8)
+    use = np.zeros((n, cols), bool)
+    first_pt, last_pt = ring_start, ring_end - 1
+    buf[:, 0], buf[:, 1], buf[:, 2] = ord("["), ord("["), ord("[")
+    use[first_pt[first_ring_of_part], 0] = True  # the part's list of rings opens
+    use[first_pt, 1] = True  # the ring's list of points opens
+    use[:, 2] = True
+    for k, col0 in ((0, 3), (1, 4 + width)):
+        x = v[:, k]
+        digits = np.ones(n, np.int64)
+        for p in range(1, width):
+            digits += x >= 10 ** p
+        for j in range(width):
+            power = width - 1 - j
+            buf[:, col0 + j] = ord("0") + (x // 10 ** power) % 10
+            use[:, col0 + j] = power < digits
+    buf[:, 3 + width], use[:, 3 + width] = ord(","), True
+    c = 4 + 2 * width
+    buf[:, c], use[:, c] = ord("]"), True  # the point closes
+    buf[:, c + 1], use[:, c + 1] = ord(","), True  # next point, or the ring closes:
+    buf[last_pt, c + 1] = ord("]")
+    use[last_pt, c + 2] = True  # after a ring: next ring, or the part closes
+    buf[:, c + 2] = ord(",")
+    buf[last_pt[last_ring_of_part], c + 2] = ord("]")
+    lp = last_pt[last_ring_of_part]  # the last point of each part, in part order
+    use[lp[~last_part_of_geom], c + 3] = True  # next part of a MultiPolygon
+    buf[:, c + 3] = ord(",")
+    text = buf[use].tobytes().decode("ascii")
+    per_point = use.sum(axis=1)
+    ends = np.cumsum(per_point)[last_pt[last_ring_of_part][last_part_of_geom]].tolist()  # one per geometry
+    starts = [0] + ends[:-1]
+    multi = (types == 6).tolist()
+    poly_head, multi_head = '{"type":"Polygon","coordinates":', '{"type":"MultiPolygon","coordinates":['
+    return [multi_head + text[a:b] + "]}" if mu else poly_head + text[a:b] + "}"
+            for a, b, mu in zip(starts, ends, multi)]
 
 
 def write_geojson(path, collection: dict | str) -> Path:
