@@ -7,7 +7,6 @@ import torch
 
 from fastgicn.cli import main
 from fastgicn.config import TileConfig
-from fastgicn.demo import DEMO_WEIGHTS
 from fastgicn.synth import write_synthetic_slide
 from fastgicn.train import save_checkpoint
 from tiny_models import register
@@ -103,7 +102,6 @@ def test_errors_are_one_line_and_exit_status_two(tmp_path, checkpoint, capsys, e
     assert "Traceback" not in err
 
 
-@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="the demo weights are not installed")
 def test_demo_weights_segment_the_synthetic_slide(tmp_path):
     out = tmp_path / "out"
     assert main(["segment", "-o", str(out), "--demo-size", "2048x2048", "--no-progress"]) == 0

@@ -126,7 +126,6 @@ def test_what_save_checkpoint_writes_is_plain_data_and_resumes(tmp_path):
     assert not (tmp_path / "bad.pt").exists()
 
 
-@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="the demo weights are not installed")
 def test_the_shipped_demo_weights_are_plain_data():
     raw = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
     assert model_from_checkpoint(raw).model_name == raw["model_name"]
