@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from machine import cpu_name  # bench/machine.py: run these scripts as python bench/NAME.py
 
 
 class ConstantLogits(torch.nn.Module):
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     result = {
         "bench": "fragmented model output vs all-normal, zero-cost models, same slide, interleaved",
         "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores_usable": len(os.sched_getaffinity(0)),
+        "machine": {"cpu": cpu_name(), "cores_usable": len(os.sched_getaffinity(0)),
                     "load_average": os.getloadavg()},
         "versions": {"fastgicn": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from rss import RssSampler, status_kib  # bench/rss.py: run these scripts as python bench/NAME.py
+from machine import cpu_name  # bench/machine.py: run these scripts as python bench/NAME.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -278,12 +279,7 @@ def machine() -> dict:
     import numpy as np
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from machine import cpu_name  # bench/machine.py: run these scripts as python bench/NAME.py
 
 
 def fragmented_mask(side: int, seed: int = 0) -> np.ndarray:
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         "benchmark": "polygons: reduced mask -> OpenCV contours (2x upsampled, pixel edges) -> valid shapely "
                      "polygons -> small-region filter -> GeoJSON",
         "command": "python bench/bench_polygons.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
                     "platform": platform.platform(), "load_average_1min": round(os.getloadavg()[0], 2),
                     "note": "shared machine: other engineers' jobs may run on the same cores"},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_name  # bench/machine.py: run these scripts as python bench/NAME.py
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT = "fastgicn-bench-read-1"
@@ -58,12 +59,7 @@ def load_average() -> list[float] | None:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     try:
         from fastgicn.cpus import usable_cpus
 

@@ -29,6 +29,7 @@ import numpy as np
 
 import fastgicn
 from fastgicn.tiling import stitch as current
+from machine import cpu_name  # bench/machine.py: run these scripts as python bench/NAME.py
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("crop", 0), ("crop", 64), ("blend", 0), ("blend", 32), ("blend", 64)]
@@ -81,14 +82,6 @@ def _median_ms_per_tile(fn, n_tiles: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(dist: str) -> str | None:
@@ -106,7 +99,7 @@ def _context(argv: list[str] | None) -> dict:
     return {
         "command": " ".join(["python", os.path.relpath(__file__, ROOT)]
                             + (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_1min": round(os.getloadavg()[0], 2),
                     "note": "shared machine: other engineers' jobs may run on the same 2 cores"},
         "versions": {"python": platform.python_version(), "numpy": np.__version__,

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from rss import RssSampler, status_kib  # bench/rss.py: run these scripts as python bench/NAME.py
+from machine import cpu_name  # bench/machine.py: run these scripts as python bench/NAME.py
 
 
 def child(size: int, seed: int, fmt: str, out_dir: Path, keep: bool) -> dict:
@@ -88,12 +89,7 @@ def machine() -> dict:
     import openslide
     import tifffile
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return {
         "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
         "load_average_at_start": os.getloadavg(), "platform": platform.platform(),

@@ -30,6 +30,7 @@ import numpy as np
 
 import fastgicn
 from fastgicn import _tiler
+from machine import cpu_name, median_seconds  # bench/machine.py: run these scripts as python bench/NAME.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,14 +86,6 @@ def _tuned_numpy(name: str, src: np.ndarray, out: np.ndarray, threshold: int) ->
     return int(np.count_nonzero(white))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _has_avx2() -> bool:
@@ -190,7 +183,7 @@ def _context(argv: list[str] | None) -> dict:
     return {
         "command": " ".join(["python", os.path.relpath(__file__, ROOT)]
                             + (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "avx2": _has_avx2(),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "avx2": _has_avx2(),
                     "platform": platform.platform(),
                     "load_average_1min": round(os.getloadavg()[0], 2),
                     "note": "shared machine: other engineers' jobs may run on the same 2 cores"},
@@ -233,12 +226,7 @@ def bench_read(args) -> dict:
 
         def passes(fn, repeats=5):
             fn()
-            samples = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-            return statistics.median(samples)
+            return median_seconds(fn, repeats)
 
         ref = openslide.OpenSlide(path)
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import imagecodecs
@@ -32,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_tiler import _context, _write  # noqa: E402
 
 from fastgicn.outputs.tiff import MAP_DEFLATE_LEVEL, PyramidBandWriter  # noqa: E402
+from machine import median_seconds  # bench/machine.py: run these scripts as python bench/NAME.py
 
 TILE = 512
 
@@ -62,13 +61,6 @@ def load_baseline(rev: str):
     return module
 
 
-def median_seconds(fn, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def deflate_levels(img: np.ndarray, repeats: int) -> dict:

@@ -20,6 +20,7 @@ from fastgicn.outputs.overlay import overlay_image
 from fastgicn.outputs.tiff import MAP_DEFLATE_LEVEL, PyramidBandWriter
 from fastgicn.outputs.polygons import (geojson_features, mask_to_polygons, min_region_area, tumour_geojson,
                                      write_geojson)
+from slide_fixtures import reference_reduce
 
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity: OpenCV's regions
 
@@ -364,21 +365,6 @@ def probability_map(h, w, seed=0):
     return np.clip(np.rint(prob), 0, 255).astype(np.uint8)
 
 
-def reduce2(img, mode):
-    """2x2 reduction over the pixels that exist (an independent reference: explicit sums and counts)."""
-    oh, ow = (img.shape[0] + 1) // 2, (img.shape[1] + 1) // 2
-    total, count, votes = np.zeros((oh, ow)), np.zeros((oh, ow)), np.zeros((oh, ow))
-    for dy in (0, 1):
-        for dx in (0, 1):
-            part = img[dy::2, dx::2].astype(float)
-            total[:part.shape[0], :part.shape[1]] += part
-            votes[:part.shape[0], :part.shape[1]] += part >= 128
-            count[:part.shape[0], :part.shape[1]] += 1
-    if mode == "mean":
-        return np.floor(total / count + 0.5).astype(np.uint8)
-    return np.where(votes / count >= 0.5, 255, 0).astype(np.uint8)
-
-
 def push(writer, img, seed=0):
     """Rows in uneven chunks, from a buffer the caller overwrites after each call (the writer copies)."""
     rng = np.random.default_rng(seed)
@@ -425,7 +411,7 @@ def test_band_writer_is_exact_at_every_level_and_the_same_bytes_with_any_pool(tm
                     np.testing.assert_array_equal(page.asarray(), ideal, err_msg=f"tifffile level {k}")
                     back = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]))
                     np.testing.assert_array_equal(back[..., 0], ideal, err_msg=f"openslide level {k}")
-                    ideal = reduce2(ideal, mode)
+                    ideal = reference_reduce(ideal, mode)
         finally:
             slide.close()
     assert files[1] == files[3] == files[None]  # deterministic: the pool only changes who encodes

@@ -14,26 +14,7 @@ import tifffile
 from fastgicn.errors import ConfigError, SlideError
 from fastgicn.outputs import tiff as pyramid_tiff
 from fastgicn.outputs.tiff import pyramid_sizes, write_pyramid
-
-
-def reference_reduce(img: np.ndarray, mode: str) -> np.ndarray:
-    """Independent 2x2 reduction: blocks cut by the border use the pixels that exist (written with loops over
-    the four block offsets and explicit counts, not by edge padding as the writer does)."""
-    h, w = img.shape[:2]
-    oh, ow = (h + 1) // 2, (w + 1) // 2
-    total = np.zeros((oh, ow) + img.shape[2:], np.float64)
-    count = np.zeros((oh, ow) + (1,) * (img.ndim - 2), np.float64)
-    votes = np.zeros_like(total)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            part = img[dy::2, dx::2].astype(np.float64)
-            total[:part.shape[0], :part.shape[1]] += part
-            votes[:part.shape[0], :part.shape[1]] += part >= 128
-            count[:part.shape[0], :part.shape[1]] += 1
-    if mode == "mean":
-        return np.floor(total / count + 0.5).astype(np.uint8)
-    # majority: at least half of the existing pixels are foreground (2 of 4, 1 of 2, 1 of 1)
-    return np.where(votes / count >= 0.5, 255, 0).astype(np.uint8)
+from slide_fixtures import reference_reduce
 
 
 def smooth_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,29 @@
+"""What the benchmark scripts record about the machine, and the one timing loop they share.
+(Imported as `from machine import ...`: run the scripts as python bench/NAME.py.)"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo ("AMD EPYC ..."), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn()`."""
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
