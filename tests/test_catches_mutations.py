@@ -229,8 +229,10 @@ def test_report_counts_equal_the_tiles_counted_here(tmp_path, white_threshold, m
     t = res.report["tiles"]
     n = int(kept.sum())
     assert (t["candidates"], t["read"], t["rejected"], t["segmented"]) == (kept.size, kept.size, kept.size - n, n)
-    seen = [s[0] for s in model.shapes]   # what reached the network: batches of batch_size (the readers
-    assert sum(seen) == n and max(seen) == batch  # racing for the last tiles may each leave one short)
+    seen = [s[0] for s in model.shapes]   # what reached the network: batches of batch_size, but the 2 readers
+    # racing for the last tiles may each hand over a short one (seen: [4, 4] for 8 tiles in batches of 5)
+    assert sum(seen) == n and max(seen) <= batch and sum(s < batch for s in seen) <= 2, seen
+    assert len(seen) <= -(-n // batch) + 1, seen
     assert {s[1:] for s in model.shapes} == {(3, tile, tile)}
     mask = level0(res.outputs["mask"])                  # 255 exactly on the kept tiles
     np.testing.assert_array_equal(mask, np.where(np.kron(kept, np.ones((tile, tile), bool)), 255, 0))
