@@ -399,7 +399,7 @@ def box_reduce(src, out, Py_ssize_t factor, threshold=220):
 # (blend), and turn finished sums back into uint8. Boxes are checked in Python once per call, then every
 # tile of the batch is done in one `nogil` loop of row kernels.
 
-from libc.stdint cimport uint16_t, int64_t
+from libc.stdint cimport uint16_t, int64_t, uint64_t
 from libc.string cimport memcpy, memmove
 
 cdef extern from *:
@@ -630,6 +630,39 @@ def max_count_u8(rows, threshold=128):
             if r > m:
                 m = r
     return int(m), int(count)
+
+
+def add_block_sums_u8(rows, Py_ssize_t factor, acc):
+    """acc[j] += the sum of rows[:, j*factor:(j+1)*factor] (the last block: the columns left) for 2-D uint8 `rows`
+    and a uint64 `acc` of ceil(width / factor) blocks; one pass, the GIL released (LowRes's block means)."""
+    arr = _u8_rows(rows, "add_block_sums_u8")
+    if factor < 1:
+        raise ConfigError(f"add_block_sums_u8: factor={factor}: use an integer >= 1")
+    cdef PyArrayObject* a = <PyArrayObject*>arr
+    cdef Py_ssize_t h = PyArray_DIMS(a)[0], w = PyArray_DIMS(a)[1], stride = PyArray_STRIDES(a)[0]
+    cdef Py_ssize_t blocks = (w + factor - 1) // factor
+    if not (isinstance(acc, np.ndarray) and acc.dtype == np.uint64 and acc.ndim == 1 and acc.shape[0] == blocks
+            and acc.flags.c_contiguous and acc.flags.writeable):
+        raise ConfigError(f"add_block_sums_u8: acc must be a writable uint64 array of {blocks} blocks, "
+                          f"got {_describe(acc)}")
+    cdef uint64_t[::1] out = acc
+    cdef Py_ssize_t y, j, x, x1
+    cdef uint64_t s
+    cdef const uint8_t* row
+    if h == 0 or w == 0:
+        return
+    cdef const uint8_t* p = <const uint8_t*>PyArray_DATA(a)
+    with nogil:
+        for y in range(h):
+            row = p + y * stride
+            for j in range(blocks):
+                x1 = (j + 1) * factor
+                if x1 > w:
+                    x1 = w
+                s = 0
+                for x in range(j * factor, x1):
+                    s += row[x]
+                out[j] += s
 
 
 # ---------------------------------------------------------------------------------------------------

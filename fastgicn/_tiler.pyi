@@ -49,6 +49,9 @@ def uniform_u8(block: npt.NDArray[np.uint8]) -> int:
 def max_count_u8(rows: npt.NDArray[np.uint8], threshold: int = 128) -> tuple[int, int]:
     """(maximum, number of pixels >= threshold) of a 2-D uint8 array, one pass; (0, 0) when empty."""
 
+def add_block_sums_u8(rows: npt.NDArray[np.uint8], factor: int, acc: npt.NDArray[np.uint64]) -> None:
+    """acc[j] += the sum of rows[:, j*factor:(j+1)*factor] (the last block: the columns left); one pass."""
+
 def area_reduce_u8(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], x0: npt.NDArray[np.int64],
                    wx: npt.NDArray[np.float64], y0: npt.NDArray[np.int64], wy: npt.NDArray[np.float64],
                    threshold: int = 220) -> int:

@@ -16,7 +16,7 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from fastgicn.errors import ConfigError, SlideError
 from fastgicn.outputs.atomic import atomic_path, remove_partials, write_json
 from fastgicn.outputs.lowres import LowRes, lowres_factor
-from fastgicn.outputs.overlay import overlay_image
+from fastgicn.outputs.overlay import overlay_image, write_overlay_png
 from fastgicn.outputs.tiff import MAP_DEFLATE_LEVEL, PyramidBandWriter
 from fastgicn.outputs.polygons import (geojson_features, mask_to_polygons, min_region_area, tumour_geojson,
                                      write_geojson)
@@ -303,6 +303,16 @@ def test_lowres_block_means_match_numpy():
     with pytest.raises(ConfigError, match="in order"):
         lr.add(5, img[:1])
     assert lowres_factor(5000, 3000, 2048) == 4 and lowres_factor(100, 100, 2048) == 1
+    # rows the caller has seen to be zeros (blank=True) count as zeros without a look
+    img[20:60] = 0
+    hinted = LowRes(w, h, f)
+    for y in range(0, h, 10):
+        rows = img[y:y + 10]
+        hinted.add(y, rows, blank=not rows.any())
+    ref = np.array([[img[by * f:(by + 1) * f, bx * f:(bx + 1) * f].mean() for bx in range(lr.out_w)]
+                    for by in range(lr.out_h)])
+    np.testing.assert_array_equal(hinted.result(), np.rint(ref).astype(np.uint8))
+    assert hinted.count == int((img >= 128).sum())
 
 
 @pytest.mark.parametrize("mode", ["mean", "majority"])
@@ -509,6 +519,19 @@ def test_overlay_tints_tumour_and_keeps_the_rest():
     assert inside.sum() == 8 * 13 and (np.abs(out[inside].astype(int) - blend) <= 1).all()
     with pytest.raises(ConfigError):
         overlay_image(thumb, mask[:10])
+
+
+def test_overlay_png_holds_exactly_the_overlay_pixels(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    thumb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    mask = rng.random((37, 53)) < 0.3
+    path = write_overlay_png(tmp_path / "o.png", thumb, mask)
+    with Image.open(path) as img:  # an independent decoder
+        assert img.format == "PNG" and img.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(img), overlay_image(thumb, mask))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]  # no temporary left
 
 
 def geos_geojson_text(geoms):

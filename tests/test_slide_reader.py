@@ -164,6 +164,11 @@ def test_thumbnail_and_downsampled_come_from_low_levels(files, monkeypatch):
         thumb = slide.thumbnail(200)
         assert thumb.shape == (140, 200, 3)
         assert set(levels_read) == {1, 2}
+        # the last result is kept, read-only (the tissue mask and the overlay ask for the same factor)
+        first = slide.downsampled(3)
+        n_reads = len(levels_read)
+        assert slide.downsampled(3) is first and len(levels_read) == n_reads and not first.flags.writeable
+        assert slide.downsampled(8) is not first and len(levels_read) > n_reads
         np.testing.assert_array_equal(slide.read_level(2), files["levels"][2])
         with pytest.raises(ConfigError, match="max_pixels"):
             slide.read_level(0, max_pixels=1000)

@@ -258,3 +258,33 @@ def test_threads_give_the_same_answer():
     for i in range(8):
         np.testing.assert_array_equal(outs[i], expect[i][0])
         assert whites[i] == expect[i][1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics of single-channel maps (the writers, LowRes and the pipeline's row sink)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 129)])
+def test_map_statistics_match_numpy(shape):
+    rng = np.random.default_rng(shape[1])
+    h, w = shape
+    band = rng.integers(0, 256, (h + 3, w + 5), dtype=np.uint8)
+    view = band[2:2 + h, 3:3 + w]  # rows walked with the band's stride
+    peak, count = _tiler.max_count_u8(view, 100)
+    assert (peak, count) == (int(view.max()), int((view >= 100).sum()))
+    assert _tiler.max_count_u8(np.zeros((0, 4), np.uint8)) == (0, 0)
+    flat = np.full((h, w), 37, np.uint8)
+    assert _tiler.uniform_u8(flat) == 37 and _tiler.uniform_u8(flat[:, :0]) == -1
+    flat[-1, -1] = 36  # the very last pixel differs
+    assert _tiler.uniform_u8(flat) == (-1 if flat.size > 1 else 36)
+    for f in (1, 4, 7):
+        acc = np.arange(-(-w // f), dtype=np.uint64)
+        ref = acc + np.array([view[:, x:x + f].sum(dtype=np.uint64) for x in range(0, w, f)], np.uint64)
+        _tiler.add_block_sums_u8(view, f, acc)
+        np.testing.assert_array_equal(acc, ref)
+    with pytest.raises(ConfigError, match="uint64 array of"):
+        _tiler.add_block_sums_u8(view, 4, np.zeros(3, np.int64))
+    with pytest.raises(ConfigError, match="factor=0"):
+        _tiler.add_block_sums_u8(view, 0, np.zeros(1, np.uint64))
+    with pytest.raises(ConfigError, match="2-D uint8"):
+        _tiler.max_count_u8(view.astype(np.int16))

@@ -161,10 +161,12 @@ class _Ready:
         return True
 
 
-def _encode_level0_job(executor: Executor, encode: _TileEncoder, pixels: np.ndarray, mode: str | None):
+def _encode_level0_job(executor: Executor, encode: _TileEncoder, pixels: np.ndarray, mode: str | None,
+                       value: int | None = None):
     """The job of one level-0 tile: done at once for a uniform single-channel tile (its bytes are cached,
-    its reduction is a fill), else `_encode_level0` on the pool."""
-    value = uniform_value(pixels) if encode.channels == 1 else None
+    its reduction is a fill), else `_encode_level0` on the pool. `value`: the tile is known to be uniform."""
+    if value is None and encode.channels == 1:
+        value = uniform_value(pixels)
     if value is None:
         return executor.submit(_encode_level0, encode, pixels, mode)
     return _Ready((encode(pixels, value), None if mode is None else reduce_tile(pixels, value, mode), 0.0))

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from .._tiler import max_count_u8
+from .._tiler import add_block_sums_u8, max_count_u8
 from ..errors import ConfigError
 
 __all__ = ["LowRes", "lowres_factor"]
@@ -27,21 +27,25 @@ class LowRes:
         self.out = np.zeros((self.out_h, self.out_w), np.uint8)
         self._col_starts = np.arange(0, self.width, factor)
         self._col_counts = np.diff(np.append(self._col_starts, self.width))
-        self._acc = np.zeros(self.width, np.uint64)
+        self._acc = np.zeros(self.out_w, np.uint64)  # per block of the current block row
         self._dirty = False  # whether _acc holds anything but zeros
         self._rows_in_block = 0
         self._next = 0
         self.count_threshold = count_threshold
         self.count = 0  # pixels >= count_threshold seen so far
 
-    def add(self, y0: int, rows: np.ndarray) -> None:
+    def add(self, y0: int, rows: np.ndarray, blank: bool | None = None) -> None:
+        """Add `rows` (uint8, (n, width)) at row `y0`. `blank=True` promises the rows are all zeros (the
+        caller has just looked), which saves a pass over them."""
         if y0 != self._next:
             raise ConfigError(f"LowRes rows must come in order: got {y0}, expected {self._next}")
         self._next += len(rows)
-        peak, counted = _max_count(rows, self.count_threshold)  # one pass
-        blank = peak == 0  # glass gaps (and tissue without tumour in a mask): only the bookkeeping
+        if not blank:
+            peak, counted = _max_count(rows, self.count_threshold)  # one pass
+            blank = peak == 0  # glass gaps (and tissue without tumour in a mask): only the bookkeeping
         if not blank:
             self.count += counted
+        fast = rows.dtype == np.uint8 and rows.ndim == 2
         i = 0
         f = self.factor
         while i < len(rows):
@@ -50,14 +54,17 @@ class LowRes:
             block_end = min((block + 1) * f, self.height)
             take = min(len(rows) - i, block_end - y)
             if not blank:
-                self._acc += rows[i:i + take].sum(axis=0, dtype=np.uint64)
+                if fast:
+                    add_block_sums_u8(rows[i:i + take], f, self._acc)
+                else:
+                    col_sums = rows[i:i + take].sum(axis=0, dtype=np.uint64)
+                    self._acc += np.add.reduceat(col_sums, self._col_starts)
                 self._dirty = True
             self._rows_in_block += take
             i += take
             if y + take == block_end:
                 if self._dirty:  # a block of zeros keeps the zeros `out` starts with
-                    sums = np.add.reduceat(self._acc, self._col_starts)
-                    self.out[block] = np.rint(sums / (self._col_counts * self._rows_in_block))
+                    self.out[block] = np.rint(self._acc / (self._col_counts * self._rows_in_block))
                     self._acc[:] = 0
                     self._dirty = False
                 self._rows_in_block = 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from scipy import ndimage
 
@@ -11,6 +12,8 @@ from .atomic import atomic_path
 from .polygons import TUMOR_COLOR
 
 OVERLAY_PNG_LEVEL = 1  # zlib level of the overlay PNG
+OVERLAY_PNG_STRATEGY = 3  # zlib's Z_RLE
+OVERLAY_PNG_FILTER = 16  # PNG_FILTER_SUB
 
 __all__ = ["overlay_image", "write_overlay_png", "write_slide_overlay", "block_majority"]
 
@@ -43,10 +46,12 @@ def write_overlay_png(path, thumbnail: np.ndarray, mask: np.ndarray, max_side: i
         s = max_side / max(img.size)
         img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.LANCZOS)
     path = Path(path)
+    # libpng's fast settings (OpenCV's): zlib level 1, run-length strategy, the Sub filter only: a fifth of
+    # PIL's level-1 time on a 2048^2 thumbnail for a file about a quarter larger; the pixels are the same
+    data = imagecodecs.png_encode(np.asarray(img), level=OVERLAY_PNG_LEVEL, strategy=OVERLAY_PNG_STRATEGY,
+                                  filter=OVERLAY_PNG_FILTER)
     with atomic_path(path) as tmp:
-        # zlib level 1: half the time of the default 6 on a slide thumbnail, and about as small (the pixels
-        # are the same; only the compressed bytes differ)
-        img.save(tmp, format="PNG", optimize=False, compress_level=OVERLAY_PNG_LEVEL)
+        Path(tmp).write_bytes(data)
     return path
 
 

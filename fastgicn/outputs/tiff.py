@@ -293,8 +293,9 @@ def _write_levels(fh, plan: _Plan, tiles: Level0Tiles, spool: _Spool, encode: _T
         submitted = 0
         for i in range(total):
             while submitted < total and len(pending) < lookahead:
-                t_row, t_col, pixels = next(tiles)
-                pending.append((t_row, t_col, pixels, _encode_level0_job(executor, encode, pixels, mode)))
+                t_row, t_col, pixels, value = next(tiles)
+                job = _encode_level0_job(executor, encode, pixels, mode, value)
+                pending.append((t_row, t_col, pixels, job))
                 submitted += 1
             t_row, t_col, pixels, future = pending.popleft()
             data, small, seconds = _result(future, stats)
@@ -379,7 +380,7 @@ class _CallbackTiles:
                     pixels = read_tile(x, y, w, h)
                 except OSError as exc:  # a failure to read the source is not a failure to write the file
                     raise _SourceFailed(exc) from exc
-                yield t_row, t_col, np.array(_check_tile(pixels, x, y, w, h, channels), copy=True)
+                yield t_row, t_col, np.array(_check_tile(pixels, x, y, w, h, channels), copy=True), None
 
     def __iter__(self):
         return self
@@ -389,17 +390,19 @@ class _CallbackTiles:
 
 
 class _BandTiles(_CallbackTiles):
-    """Level-0 tiles cut from whole bands of `tile` rows, which `next_band(top)` hands over in order."""
+    """Level-0 tiles cut from whole bands of `tile` rows, which `next_band(top)` hands over in order, each
+    with the value of all its pixels when the band is known to be uniform (else None)."""
 
-    def __init__(self, next_band: Callable[[int], np.ndarray], width: int, height: int, tile: int):
+    def __init__(self, next_band: Callable[[int], tuple[np.ndarray, int | None]], width: int, height: int,
+                 tile: int):
         self._it = self._cut(next_band, width, height, tile)
 
     @staticmethod
     def _cut(next_band, width, height, tile):
         for t_row in range(math.ceil(height / tile)):
-            band = next_band(t_row * tile)
+            band, value = next_band(t_row * tile)
             for t_col, x in enumerate(range(0, width, tile)):
-                yield t_row, t_col, band[:, x:x + tile]
+                yield t_row, t_col, band[:, x:x + tile], value
 
 
 def write_pyramid(path, width: int, height: int, read_tile: ReadTile, *, channels: int = 3, tile: int = 256,
@@ -486,6 +489,7 @@ class PyramidWriter:
         self._band: np.ndarray | None = None
         self._band_top = 0
         self._band_fill = 0
+        self._band_value: int | None = None
         self._closed = False
         self._stats = _new_stats()
         self._thread_seconds = 0.0
@@ -514,20 +518,20 @@ class PyramidWriter:
         return self._thread_seconds + self._stats["encode_seconds"]
 
     # writer thread -----------------------------------------------------------------------------------
-    def _next_band(self, top: int) -> np.ndarray:
+    def _next_band(self, top: int) -> tuple[np.ndarray, int | None]:
         t0 = time.perf_counter()
         while True:
             if self._abort.is_set():
                 raise _Aborted()
             try:
-                got, band = self._queue.get(timeout=0.05)
+                got, band, value = self._queue.get(timeout=0.05)
                 break
             except queue.Empty:
                 continue
         self._stats["wait_seconds"] += time.perf_counter() - t0
         if got != top:
             raise RuntimeError(f"writer of {self.path} expected the band at row {top}, got {got}")
-        return band
+        return band, value
 
     def _run(self) -> None:
         t0 = time.perf_counter()
@@ -556,10 +560,12 @@ class PyramidWriter:
             except queue.Full:
                 continue
 
-    def write_rows(self, y0: int, rows: np.ndarray, copy: bool = True) -> None:
+    def write_rows(self, y0: int, rows: np.ndarray, copy: bool = True, value: int | None = None) -> None:
         """Append `rows` (see the class docstring). `copy=False`: whole bands of `rows` that start on a band
         boundary are handed to the writer as views, not copied; the caller promises never to modify `rows`
-        afterwards (the pipeline's stitched rows are fresh arrays)."""
+        afterwards (the pipeline's stitched rows are fresh arrays). `value`: every pixel of `rows` is this
+        value (the caller has just looked, as the pipeline does for glass and tumour-free rows): the writer
+        then skips its own look at each tile."""
         if self._closed:
             raise ConfigError(f"{self.path}: write_rows after close")
         if y0 != self._next_row:
@@ -572,24 +578,32 @@ class PyramidWriter:
             raise ConfigError(f"{self.path}: rows {y0}..{y0 + len(rows)} pass the image height {self.height}")
         if self._error is not None:
             raise self._error
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 255:
+                raise ConfigError(f"{self.path}: value={value!r}: give the rows' one pixel value (0..255) "
+                                  "or None")
+            value = int(value) if self.channels == 1 else None  # the hint serves single-channel tiles only
         self._next_row += len(rows)
         i = 0
         while i < len(rows):
             if self._band is None:
                 n = min(self.tile, self.height - self._band_top)
                 if not copy and len(rows) - i >= n:  # a whole band: its view, no copy
-                    self._put((self._band_top, rows[i:i + n]))
+                    self._put((self._band_top, rows[i:i + n], value))
                     self._band_top += n
                     i += n
                     continue
                 self._band = np.empty((n,) + row_shape, np.uint8)
                 self._band_fill = 0
+                self._band_value = value
+            elif self._band_value != value:
+                self._band_value = None
             take = min(len(rows) - i, len(self._band) - self._band_fill)
             self._band[self._band_fill:self._band_fill + take] = rows[i:i + take]
             self._band_fill += take
             i += take
             if self._band_fill == len(self._band):
-                self._put((self._band_top, self._band))
+                self._put((self._band_top, self._band, self._band_value))
                 self._band_top += len(self._band)
                 self._band = None
 

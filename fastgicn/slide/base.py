@@ -62,6 +62,7 @@ class Slide:
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
+        self._last_downsampled: tuple[int, np.ndarray] | None = None
 
     # -- geometry ------------------------------------------------------------------------------
     @property
@@ -210,10 +211,20 @@ class Slide:
 
         Read from the best pyramid level for `factor` (the coarsest not above it, or one at most 1 % above it),
         never from level 0 unless the pyramid has nothing coarser; the remaining factor is a box (mean) filter,
-        or a PIL box resize when not an integer."""
+        or a PIL box resize when not an integer. The result is read-only: the last one is kept, because the
+        tissue mask and the overlay of a slide usually ask for the same factor."""
         if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
             raise ConfigError(f"factor={factor!r}: use an integer >= 1")
         factor = int(factor)
+        last = self._last_downsampled
+        if last is not None and last[0] == factor:
+            return last[1]
+        out = self._downsampled(factor)
+        out.flags.writeable = False
+        self._last_downsampled = (factor, out)
+        return out
+
+    def _downsampled(self, factor: int) -> np.ndarray:
         w0, h0 = self.dimensions
         nw, nh = -(-w0 // factor), -(-h0 // factor)
         level = self.best_level_for_downsample(factor)
@@ -241,7 +252,7 @@ class Slide:
         lw, lh = int(math.ceil(nw * rest)), int(math.ceil(nh * rest))
         region = self.read_region(0, 0, level, lw, lh)
         small = Image.fromarray(region).resize((nw, nh), Image.BOX, box=(0, 0, nw * rest, nh * rest))
-        return np.asarray(small)
+        return np.array(small)
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """A small RGB image of the whole slide, at most `max_side` pixels on its longer side, read from
@@ -287,6 +298,7 @@ class Slide:
             self._closed = True
             while self._inflight:
                 self._cond.wait()
+        self._last_downsampled = None
         self._release()
 
     def _release(self) -> None:

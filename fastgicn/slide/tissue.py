@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -38,7 +39,14 @@ def otsu_threshold(values: np.ndarray) -> int:
     """Otsu's threshold of uint8 values: the t maximising the between-class variance of (<= t, > t).
 
     Returns 0 when the values are all equal (no split)."""
-    hist = np.bincount(np.asarray(values, np.uint8).ravel(), minlength=256).astype(np.float64)
+    values = np.asarray(values, np.uint8)
+    # OpenCV's histogram takes a tenth of bincount's time on a 2048^2 mask; its float32 counts are exact
+    # below 2^24 values
+    if values.ndim == 2 and 0 < values.size < 1 << 24:
+        hist = cv2.calcHist([np.ascontiguousarray(values)], [0], None, [256], [0, 256])
+        hist = hist.ravel().astype(np.float64)
+    else:
+        hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
     total = hist.sum()
     if total == 0:
         return 0
