@@ -586,3 +586,22 @@ def test_validity_shortcut_repairs_the_same_polygons_as_checking_all(monkeypatch
         assert fast.repaired == slow.repaired > 0
         assert all(a.equals_exact(b, 0) for a, b in zip(fast.geoms, slow.geoms))
         assert geos_geojson_text(fast.geoms) == geos_geojson_text(slow.geoms)
+
+
+def test_pinched_polygons_repair_as_make_valid_would(monkeypatch):
+    """The fast repair (buffer(0)) gives the geometries make_valid(method="structure") gives, and where it
+    cannot be trusted (here: forced to return an empty geometry) make_valid repairs the polygon."""
+    from fastgicn.outputs import polygons as P
+
+    mask = ndimage.gaussian_filter(np.random.default_rng(5).random((120, 150)), 0.8) > 0.5
+    pinched = []
+    original = P._repair_pinched
+    monkeypatch.setattr(P, "_repair_pinched", lambda g: pinched.append(g.copy()) or original(g))
+    regions = mask_to_polygons(mask, 3)
+    (bad,) = pinched
+    assert regions.repaired == len(bad) > 10
+    reference = shapely.make_valid(bad, method="structure", keep_collapsed=False)
+    assert shapely.equals(original(bad), reference).all()
+    monkeypatch.setattr(shapely, "buffer", lambda g, d: np.array([Polygon()] * len(g), object))
+    fixed = original(bad)
+    assert shapely.is_valid(fixed).all() and shapely.equals(fixed, reference).all()

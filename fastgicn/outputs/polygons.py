@@ -10,8 +10,9 @@ XS/XL split of `models/metrics.py`); its holes are the 4-connected background gr
 (`RETR_CCOMP`: outer ring, then its holes; an island inside a hole is a region of its own).
 
 Where two pixels of a region touch only at a corner, the traced ring passes that corner twice, which OGC
-(shapely) calls invalid; those few polygons are repaired with `shapely.make_valid(method="structure")`,
-which splits them at the corner (a Polygon, or a MultiPolygon whose parts touch at points), area unchanged.
+(shapely) calls invalid; those few polygons are repaired with `shapely.buffer(g, 0)` (checked: valid, same
+area; else `shapely.make_valid(method="structure")`), which splits them at the corner (a Polygon, or a
+MultiPolygon whose parts touch at points), area unchanged.
 Every geometry written is valid; exterior rings are counter-clockwise and holes clockwise in the numbers
 themselves (RFC 7946's right-hand rule; with y pointing down they look clockwise on screen). QuPath reads
 rings with JTS and does not depend on orientation.
@@ -128,8 +129,7 @@ def mask_to_polygons(mask: np.ndarray, scale: float | tuple[float, float] = 1.0,
     geoms = geoms[~small]
     bad = _invalid(geoms, _corner_touch_candidates(m, xy, ring, poly_of_ring[ring_order], small, sx, sy, clip))
     if len(bad):
-        geoms[bad] = [_repair(g) for g in shapely.make_valid(geoms[bad], method="structure",
-                                                              keep_collapsed=False)]
+        geoms[bad] = _repair_pinched(geoms[bad])
     geoms = shapely.orient_polygons(geoms, exterior_cw=False)
     return Regions(geoms, repaired=len(bad), dropped=dropped, dropped_area=dropped_area)
 
@@ -172,6 +172,26 @@ def _invalid(geoms, candidates):
     if len(candidates) == 0:
         return candidates
     return candidates[~shapely.is_valid(geoms[candidates])]
+
+
+def _repair_pinched(geoms: np.ndarray) -> np.ndarray:
+    """Valid equivalents of polygons whose rings touch themselves at pixel corners, area unchanged.
+
+    `buffer(0)` splits such rings at the corner a third of the time `make_valid(method="structure")` takes (on a
+    fragmented slide: 0.2 s against 0.58 s for 815 polygons); it is only trusted where its result is a valid
+    Polygon or MultiPolygon of the same area, and make_valid repairs the rest (none, on pixel-edge rings,
+    which meet themselves only at vertices and never cross)."""
+    import shapely
+
+    fixed = shapely.buffer(geoms, 0)
+    ok = np.isin(shapely.get_type_id(fixed), (3, 6)) & shapely.is_valid(fixed)
+    area = shapely.area(geoms)
+    ok &= np.abs(shapely.area(fixed) - area) <= 1e-9 * np.maximum(area, 1.0)
+    if not ok.all():
+        rest = np.flatnonzero(~ok)
+        fixed[rest] = [_repair(g) for g in shapely.make_valid(geoms[rest], method="structure",
+                                                               keep_collapsed=False)]
+    return fixed
 
 
 def _repair(fixed):
