@@ -19,3 +19,7 @@ class BackendUnavailable(FastGicnError):
 
 class EngineBuildError(FastGicnError):
     """Building or loading a compiled engine failed."""
+
+
+class AnnotationError(FastGicnError):
+    """An annotation file cannot be read or means nothing for this slide (the message names file and fix)."""
