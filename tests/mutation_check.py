@@ -101,7 +101,7 @@ MUTATIONS = [
     Mutation("M22", "the overlay's tint strength changed", "fastgicn/outputs/overlay.py",
              "alpha: float = 0.45", "alpha: float = 0.6",
              ("tests/test_outputs.py::test_overlay_tints_tumour_and_keeps_the_rest",)),
-    Mutation("M23", "the benchmark's end-to-end section always unavailable", "fastgicn/bench.py",
+    Mutation("M23", "the benchmark's end-to-end section always unavailable", "fastgicn/bench/backends.py",
              'return {"available": True, "slide"', 'return {"available": False, "slide"',
              ("tests/test_bench.py::test_bench_runs_end_to_end_and_writes_valid_json",)),
 ]
