@@ -10,10 +10,10 @@ from pathlib import Path
 from .config import TileConfig
 from .errors import ConfigError
 from .naming import FAILURES_NAME, output_paths, slide_identity
-from .outputs.report import REPORT_FORMAT
+from .outputs.report import REPORT_FORMAT, outputs_complete
 
 __all__ = ["ensure_out_dir", "model_fingerprint", "run_fingerprint", "existing_slide", "other_slide",
-           "write_failures"]
+           "plan_slide", "write_failures"]
 
 
 def ensure_out_dir(out_dir) -> Path:
@@ -80,6 +80,22 @@ def other_slide(out_dir, stem: str, slide) -> str | None:
     return (f"{output_paths(out_dir, stem)['report']} holds the complete results of another slide named "
             f"{stem} ({there.get('path')}); segmenting {here['path']} would replace them: give it another -o, "
             "or --force to replace them")
+
+
+def plan_slide(out_dir, slide, stem: str, truth, model_fp: str, config: TileConfig, stitch: str,
+               options: dict, force: bool = False) -> tuple[str, str]:
+    """What a run does with `slide`: ("run", its fingerprint), ("skip", its fingerprint) when its outputs are
+    complete for that fingerprint, or ("fail", why) when it cannot be read or would replace another slide's
+    outputs (`force` redoes and replaces). The plain run and the Ray driver decide alike."""
+    try:
+        fp = run_fingerprint(slide, model_fp, config, stitch, truth, options)
+    except OSError as exc:
+        what = "truth mask" if truth is not None and str(exc.filename) == str(truth) else "slide"
+        return "fail", f"{what} {exc.filename or slide} cannot be read ({exc.strerror or exc}): check the path"
+    if not force and outputs_complete(out_dir, stem, fp):
+        return "skip", fp
+    clash = None if force else other_slide(out_dir, stem, slide)
+    return ("fail", clash) if clash else ("run", fp)
 
 
 def write_failures(out_dir, failures: list[tuple[str, str, str]]) -> Path | None:
