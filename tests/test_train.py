@@ -7,8 +7,9 @@ import torch
 from fastgicn.config import TileConfig
 from fastgicn.errors import ConfigError
 from fastgicn.models import create_model
-from fastgicn.train import (ArraySource, PatchDataset, Trainer, TrainConfig, augment, is_glass, load_checkpoint,
-                            make_schedule, model_from_checkpoint, save_checkpoint)
+from fastgicn.train import (PatchDataset, Trainer, TrainConfig, augment, is_glass, load_checkpoint, make_schedule,
+                            model_from_checkpoint, save_checkpoint)
+from train_helpers import striped_source, tiny_config
 
 
 def test_paper_schedules_by_hand():
@@ -31,17 +32,6 @@ def test_glass_rule_is_strictly_above_220():
     assert not is_glass(tile)
 
 
-def striped_source(size=256, seed=0):
-    """Glass on the left quarter, tissue elsewhere, tumour (darker) in the bottom half of the tissue."""
-    rng = np.random.default_rng(seed)
-    rgb = np.full((size, size, 3), 240, np.uint8)
-    mask = np.zeros((size, size), bool)
-    rgb[:, size // 4:] = rng.integers(150, 200, (size, 3 * size // 4, 3))
-    mask[size // 2:, size // 4:] = True
-    rgb[mask] //= 2
-    return ArraySource(rgb, mask)
-
-
 def test_dataset_keeps_tissue_patches_and_balances_positives():
     ds = PatchDataset([striped_source()], size=32, positive_fraction=0.75)
     assert len(ds) == 8 * 6                  # 8 x 8 grid, first two columns are glass
@@ -58,13 +48,6 @@ def test_augmentation_moves_labels_with_pixels():
     out, out_labels = augment(images, labels, g, colour_jitter=0.0)
     assert torch.equal((out[:, 0] > 0.5).long(), out_labels)
     assert not torch.equal(out, images)       # something moved
-
-
-def tiny_config(**overrides):
-    values = dict(model="resnet50_gicn_gpp", model_kwargs={"width": 0.0625}, iterations=4, batch_size=2,
-                  schedule="constant", lr=0.01, log_every=0, seed=7)
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path):
