@@ -67,9 +67,59 @@ def _training_sources(args, slides, masks, seed_offset: int):
         if masks and len(masks) != len(slides):
             raise ConfigError(f"{len(slides)} slides but {len(masks)} masks: give one mask per slide, or none "
                               "to use SLIDE.mask.tif beside each slide")
-        return [SlideSource(s, masks[i] if masks else None) for i, s in enumerate(slides)]
+        sources = [SlideSource(s, masks[i] if masks else None, annotations_dir=args.annotations,
+                               annotation_rules=annotation_rules(args)) for i, s in enumerate(slides)]
+        for source in sources:
+            for warning in source.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+        return sources
     w, h = args.synthetic_size
     return [SyntheticSource(SyntheticSlide(w, h, seed=args.seed + seed_offset + i)) for i in range(args.synthetic)]
+
+
+def annotation_rules(args) -> dict:
+    """The group / class rules of `fastgicn mask`, `train` and `evaluate` as `read_annotations` arguments."""
+    return {"tumour_groups": args.tumour_groups, "exclusion_groups": args.exclusion_groups,
+            "classes": args.classes, "exclude_classes": args.exclude_classes,
+            "max_mb": args.max_annotation_mb}
+
+
+def add_annotation_rules(p) -> None:
+    p.add_argument("--tumour-groups", nargs="+", default=None, metavar="GROUP",
+                   help="ASAP XML groups that are tumour (default: Tumor _0 _1, Camelyon16's)")
+    p.add_argument("--exclusion-groups", nargs="*", default=None, metavar="GROUP",
+                   help="ASAP XML groups cut out of the tumour (default: Exclusion _2)")
+    p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="NAME",
+                   help="QuPath GeoJSON classifications that are tumour, e.g. Tumor (default: every polygon, "
+                        "when the file holds at most one class)")
+    p.add_argument("--exclude-class", dest="exclude_classes", nargs="+", default=None, metavar="NAME",
+                   help="QuPath GeoJSON classifications cut out of the tumour")
+    p.add_argument("--max-annotation-mb", type=float, default=None, metavar="MB",
+                   help="refuse annotation files larger than this (default: 256, or "
+                        "$FASTGICN_MAX_ANNOTATION_MB)")
+
+
+def cmd_mask(args) -> int:
+    from .annotations import mask_from_annotations
+
+    written = mask_from_annotations(args.slide, args.annotations, args.out, **annotation_rules(args))
+    for warning in written.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {written.path}: {written.width}x{written.height}, {written.regions} tumour polygons "
+          f"({written.excluded_regions} cut out), {written.tumour_pixels} tumour pixels, "
+          f"{written.seconds:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.out_dir, args.truth, rules=annotation_rules(args),
+                      small_region_pixels=args.small_region_pixels,
+                      log=lambda msg: print(msg, file=sys.stderr))
+    print(result["markdown"], end="")
+    print(f"wrote {args.out_dir}/evaluation.md, evaluation.csv and evaluation.json")
+    return 0
 
 
 def _inference_tile_config(args, source):
@@ -85,6 +135,13 @@ def _inference_tile_config(args, source):
 
 
 def cmd_train(args) -> int:
+    from .train.distributed import torchrun_world
+
+    with torchrun_world(args.device) as world:  # one process, or this rank of a torchrun job
+        return _train(args, world)
+
+
+def _train(args, world) -> int:
     from .config import TileConfig
     from .train import PatchDataset, Trainer, TrainConfig
 
@@ -94,7 +151,10 @@ def cmd_train(args) -> int:
     config = TrainConfig(model=args.model, model_kwargs=model_kwargs, iterations=args.iterations,
                          batch_size=args.batch_size, schedule=args.schedule, lr=args.lr, seed=args.seed,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, device=args.device,
-                         log_every=args.log_every)
+                         log_every=args.log_every, precision=args.precision, channels_last=args.channels_last,
+                         compile=args.compile, sync_bn=args.sync_bn, workers=args.workers)
+    world.share(args.batch_size)  # a batch that does not split over the ranks: refused before any slide is read
+    say = print if world.is_main else (lambda *_: None)  # rank 0 speaks for a torchrun job
     if not args.slides and not args.synthetic:
         raise ConfigError("no training data: pass slides (with SLIDE.mask.tif beside them or --masks), "
                           "or --synthetic N to train on N synthetic slides")
@@ -112,14 +172,17 @@ def cmd_train(args) -> int:
     if args.val_slides or args.synthetic:
         val_set = PatchDataset(_training_sources(args, args.val_slides, args.val_masks, 10_000),
                                size=args.patch_size, downsample=args.downsample, cache=cache)
-    print(f"training {args.model}({model_kwargs}) on {len(train_set)} patches "
-          f"({len(train_set.positive)} with tumour); validating on {len(val_set) if val_set else 0}")
-    trainer = Trainer(config, train_set, val_set, _inference_tile_config(args, sources[0]), out_dir=args.out)
+    say(f"training {args.model}({model_kwargs}) on {len(train_set)} patches "
+        f"({len(train_set.positive)} with tumour); validating on {len(val_set) if val_set else 0}"
+        + (f"; {world.size} processes, {args.batch_size // world.size} patches each" if world.size > 1
+           else ""))
+    trainer = Trainer(config, train_set, val_set, _inference_tile_config(args, sources[0]), out_dir=args.out,
+                      log=say, world=world)
     if args.resume:
         trainer.resume(args.resume)
-        print(f"resumed from {args.resume} at iteration {trainer.iteration}")
+        say(f"resumed from {args.resume} at iteration {trainer.iteration}")
     trainer.fit()
-    print(f"checkpoint: {Path(args.out) / 'last.pt'}")
+    say(f"checkpoint: {Path(args.out) / 'last.pt'}")
     return 0
 
 
@@ -199,7 +262,10 @@ def _segment(args, slides, truths, log) -> int:
     forward, model_fp, how = model, None, "torch (eager reference)"
     # --precision fp16/bf16 with the torch backend is honoured (weights and activations in 16 bits) through the
     # Engine's torch backend; fp32 and auto keep the eager fp32 reference.
-    if args.backend != "torch" or args.precision in ("fp16", "bf16"):
+    engine_wanted = args.backend != "torch" or args.precision in ("fp16", "bf16")
+    if engine_wanted and args.ray is not None:  # each Ray worker builds it on its own device
+        how = f"{args.backend}, precision {args.precision}: built by each Ray worker"
+    elif engine_wanted:
         from .engine import Engine
         from .engine.base import model_fingerprint
 
@@ -212,11 +278,20 @@ def _segment(args, slides, truths, log) -> int:
     log(f"model {model.model_name}({model.model_kwargs}) from {weights}; tiles {config.tile_size} px, overlap "
         f"{config.overlap}, {where}, batch {config.batch_size}, stitch {args.stitch}, device {args.device}")
     log(how if how.startswith("Engine") else f"backend: {how}")
-    results = segment_slides(slides, args.out, forward, config, args.device, truths=truths, stitch=args.stitch,
-                             model_fp=model_fp,
-                             force=args.force, log=log, threads=args.threads, handles=args.handles,
-                             mpp=args.mpp, weights=weights, progress=False if args.no_progress else None,
-                             min_region_um2=args.min_region_um2)
+    common = dict(truths=truths, stitch=args.stitch, force=args.force, log=log, threads=args.threads,
+                  handles=args.handles, mpp=args.mpp, weights=weights, progress=False if args.no_progress else None,
+                  min_region_um2=args.min_region_um2)
+    if args.ray is not None:  # the workers build the backend themselves, once each (fastgicn.distributed)
+        from .distributed import segment_slides_ray
+
+        engine = None if not engine_wanted else {"backend": args.backend, "precision": args.precision,
+                                                 "batch_size": config.batch_size, "tile_size": config.tile_size}
+        results = segment_slides_ray(slides, args.out, model, config, address=args.ray, workers=args.workers,
+                                     engine=engine, **common)
+    else:
+        if args.workers is not None:
+            raise ConfigError("--workers sets the number of Ray workers: use it with --ray local|auto|ADDRESS")
+        results = segment_slides(slides, args.out, forward, config, args.device, model_fp=model_fp, **common)
     for r in results:
         if r.status == "failed":
             print(f"{r.slide}: FAILED: {r.error}")
@@ -312,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redo slides whose outputs are already complete (default: skip them)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on stderr (default: a bar when stderr is a terminal)")
+    p.add_argument("--ray", default=None, metavar="local|auto|ADDRESS",
+                   help="segment on a Ray cluster: 'local' starts Ray on this machine, 'auto' or an address "
+                        "(HOST:6379, ray://HOST:10001) joins a running one; one worker per GPU (pip install "
+                        "'fastgicn[ray]'; OUTDIR must be storage every node sees)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --ray: N workers (default: one per GPU of the cluster, or one CPU worker)")
     p.add_argument("--demo-size", type=parse_size, default=None, metavar="WxH",
                    help="WIDTHxHEIGHT of the synthetic demo slide (default: 28000x28000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic demo slide (default: 0)")
@@ -332,7 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on slides with tumour masks (or on synthetic slides)")
     p.add_argument("slides", nargs="*", type=Path)
-    p.add_argument("--masks", nargs="*", type=Path, default=None, help="one mask per slide (default SLIDE.mask.tif)")
+    p.add_argument("--masks", nargs="*", type=Path, default=None,
+                   help="one mask (or ASAP .xml / QuPath .geojson) per slide (default: SLIDE.mask.tif, "
+                        "SLIDE.xml or SLIDE.geojson beside it)")
+    p.add_argument("--annotations", type=Path, default=None, metavar="DIR",
+                   help="also look for STEM.xml / STEM.geojson / STEM.mask.tif here (Camelyon16's "
+                        "annotations/); a slide with none there is an all-normal negative")
+    add_annotation_rules(p)
     p.add_argument("--val-slides", nargs="*", type=Path, default=[])
     p.add_argument("--val-masks", nargs="*", type=Path, default=None)
     p.add_argument("--synthetic", type=int, default=0, help="train on N synthetic slides instead of files")
@@ -351,10 +438,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N (under torchrun: cuda is each rank's GPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32 (the reference), bf16 autocast, or fp16 autocast with loss scaling")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory layout (default: on with bf16 / fp16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
+    p.add_argument("--workers", type=int, default=0,
+                   help="patch-loading processes (0: the main process); batches are the same for any number")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: batch norm over all ranks")
     p.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by train")
     p.add_argument("-o", "--out", type=Path, default=Path("runs/train"))
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("mask", help="rasterise ASAP XML / QuPath GeoJSON annotations into a level-0 mask",
+                       description="Rasterise annotations into a lossless pyramidal mask aligned with level 0 "
+                                   "of SLIDE (0 normal, 255 tumour, the slide's MPP): a pixel is tumour when "
+                                   "its centre lies inside a tumour polygon and outside every cut-out one.")
+    p.add_argument("slide", type=Path, metavar="SLIDE", help="the slide annotated (its size and MPP are used)")
+    p.add_argument("annotations", type=Path, metavar="ANNOTATIONS", help="ASAP .xml or QuPath .geojson")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="MASK.tif", help="the mask to write")
+    add_annotation_rules(p)
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("evaluate", help="Dice, XS/XL Dice, precision, recall of segment outputs vs truth",
+                       description="Score the NAME.tumour_mask.tif files of OUT_DIR against truth masks or "
+                                   "annotations matched by name; writes evaluation.md/.csv/.json in OUT_DIR, "
+                                   "with the paper's published figures beside ours.")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the -o directory of fastgicn segment")
+    p.add_argument("--truth", nargs="+", type=Path, required=True, metavar="MASK_OR_ANNOTATIONS",
+                   help="NAME.mask.tif, NAME.xml or NAME.geojson files, or folders of them")
+    p.add_argument("--small-region-pixels", type=float, default=50_000, metavar="PX",
+                   help="truth regions under this many pixels (at the segment resolution) are small, XS "
+                        "(default: 50000, the paper's Table 4)")
+    add_annotation_rules(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (standard ops) or a TensorRT engine")
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint written by `fastgicn train`")

@@ -55,24 +55,67 @@ class ArraySource:
 
 
 class SlideSource:
-    """A slide file and its mask file (0 normal, 255 tumour, aligned to level 0), read through `open_slide` as
-    inference reads them: a patch at a downsample the pyramid lacks is a finer level box-reduced (a 0/255
-    mask's mean is > 127 where at least half of the block is tumour)."""
+    """A slide file and its ground truth, read through `open_slide` as inference reads them: a patch at a
+    downsample the pyramid lacks is a finer level box-reduced.
 
-    def __init__(self, slide_path, mask_path=None):
+    The truth (`mask_path`, else `find_truth`) is a mask file (0 normal, 255 tumour, aligned to level 0; a
+    0/255 mask's box mean is > 127 where at least half of the block is tumour), or ASAP XML / QuPath GeoJSON
+    annotations (rasterised per patch on the patch's grid by the pixel-centre rule of
+    `fastgicn.annotations.rasterise`; `annotation_rules` as for `read_annotations`), or none: an all-normal
+    negative, allowed for slides named normal* (Camelyon16's tumour-free slides) and when an
+    `annotations_dir` was searched (Camelyon16 ships no annotation for them)."""
+
+    def __init__(self, slide_path, mask_path=None, *, annotations_dir=None, annotation_rules=None):
         from ..slide import open_slide  # the slide layer is optional for synthetic-only training
 
         slide_path = Path(slide_path)
-        mask_path = Path(mask_path) if mask_path else default_mask_path(slide_path)
-        if not mask_path.exists():
+        if mask_path is None:
+            mask_path = find_truth(slide_path, annotations_dir)
+            negative = annotations_dir is not None or slide_path.stem.lower().startswith("normal")
+            if mask_path is None and not negative:
+                raise SlideError(f"no ground truth for {slide_path}: expected "
+                                 f"{default_mask_path(slide_path)} or {slide_path.stem}.xml / .geojson beside "
+                                 "it (or pass --masks, or --annotations DIR); slides named normal* without one "
+                                 "are taken as all normal")
+        mask_path = Path(mask_path) if mask_path is not None else None
+        if mask_path is not None and not mask_path.exists():
             raise SlideError(f"no tumour mask for {slide_path}: expected {mask_path} "
                              "(0 = normal, 255 = tumour, aligned to level 0); pass its path explicitly")
-        self.slide, self.mask = open_slide(slide_path), open_slide(mask_path)
-        if tuple(self.mask.dimensions) != tuple(self.slide.dimensions):
+        self.truth_kind = "none" if mask_path is None else (
+            "annotations" if mask_path.suffix.lower() in _ANNOTATION_SUFFIXES else "mask")
+        self.slide = open_slide(slide_path)
+        self.mask = open_slide(mask_path) if self.truth_kind == "mask" else None
+        if self.mask is not None and tuple(self.mask.dimensions) != tuple(self.slide.dimensions):
             raise SlideError(f"mask {mask_path} is {self.mask.dimensions} but slide {slide_path} is "
                              f"{self.slide.dimensions}: the mask must be aligned to level 0")
         self.dimensions = tuple(self.slide.dimensions)
         self.name = slide_path.name
+        self.annotations, self._renderers = None, {}
+        self.warnings: list[str] = []
+        if self.truth_kind == "annotations":
+            from ..annotations import read_annotations
+
+            self.annotations = read_annotations(mask_path, **(annotation_rules or {}))
+            self.warnings = self.annotations.warnings + self.annotations.clip_warnings(*self.dimensions)
+        elif self.truth_kind == "none":
+            where = "beside it" + (f" or in {annotations_dir}" if annotations_dir is not None else "")
+            self.warnings = [f"{slide_path}: no mask or annotation {where}: an all-normal negative"]
+        self._paths = (slide_path, mask_path)
+
+    # A worker process (DataLoader) needs its own handles: OpenSlide's caches and locks do not survive a fork,
+    # and a handle does not pickle. The loader calls `reopen` in each worker; unpickling reopens too.
+    def reopen(self) -> None:
+        from ..slide import open_slide
+
+        self.slide = open_slide(self._paths[0])
+        self.mask = open_slide(self._paths[1]) if self.truth_kind == "mask" else None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("slide", "mask")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.reopen()
 
     def _level(self, reader, downsample: int):
         """The `Resolution` of `reader` at `downsample`: a level within 1 %, or a finer one reduced."""
@@ -93,12 +136,39 @@ class SlideSource:
         return grid[whole, :2]
 
     def read_mask(self, l0_x: int, l0_y: int, size: int, downsample: int) -> np.ndarray:
+        if self.truth_kind == "none":
+            return np.zeros((size, size), bool)
+        if self.truth_kind == "annotations":  # patches start on multiples of the downsample (the grid)
+            from ..annotations import MaskRenderer
+
+            renderer = self._renderers.get(downsample)
+            if renderer is None:
+                renderer = self._renderers[downsample] = MaskRenderer(self.annotations, downsample)
+            return renderer.render(l0_x // downsample, l0_y // downsample, size, size) > 0
         mask = self.mask.read_region(l0_x, l0_y, self._level(self.mask, downsample), size, size)
         return mask[..., 0] > 127
 
     def read(self, l0_x: int, l0_y: int, size: int, downsample: int):
         rgb = self.slide.read_region(l0_x, l0_y, self._level(self.slide, downsample), size, size)
         return rgb, self.read_mask(l0_x, l0_y, size, downsample)
+
+
+_ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
+
+
+def find_truth(slide_path, annotations_dir=None) -> Path | None:
+    """A slide's ground truth: SLIDE.mask.tif beside it, else SLIDE.xml / SLIDE.geojson / SLIDE.json beside
+    it, else the same names in `annotations_dir` (matched by the slide's stem, as Camelyon16's images/ and
+    annotations/ are); None when there is none."""
+    slide_path = Path(slide_path)
+    places = [slide_path.parent] + ([Path(annotations_dir)] if annotations_dir is not None else [])
+    for place in places:
+        names = (default_mask_path(slide_path).name,) + tuple(slide_path.stem + s
+                                                              for s in _ANNOTATION_SUFFIXES)
+        for name in names:
+            if (place / name).is_file():
+                return place / name
+    return None
 
 
 def default_mask_path(slide_path: Path) -> Path:
