@@ -2,21 +2,15 @@
 (Imported as `from machine import ...`: run the scripts as python bench/NAME.py.)"""
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo ("AMD EPYC ..."), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU model from /proc/cpuinfo ("AMD EPYC ..."), as `python -m fastgicn.bench` records it."""
+    from fastgicn.bench.measure import _cpu_name
+
+    return _cpu_name()
 
 
 def median_seconds(fn, repeats: int) -> float:
