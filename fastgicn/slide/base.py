@@ -244,6 +244,8 @@ class Slide:
                 band = self.read_region(0, int(round(i0 * factor)), level, nw * r, (i1 - i0) * r)
                 if r == 1:
                     out[i0:i1] = band
+                elif r <= 64:  # exact box mean, rounded half up, in C: 10x NumPy's reshape-and-sum
+                    _tiler.box_reduce(band, out[i0:i1], r, 255)
                 else:
                     blocks = band.reshape(i1 - i0, r, nw, r, 3).astype(np.uint32).sum(axis=(1, 3))
                     out[i0:i1] = (blocks + (r * r) // 2) // (r * r)
