@@ -605,3 +605,42 @@ def test_pinched_polygons_repair_as_make_valid_would(monkeypatch):
     monkeypatch.setattr(shapely, "buffer", lambda g, d: np.array([Polygon()] * len(g), object))
     fixed = original(bad)
     assert shapely.is_valid(fixed).all() and shapely.equals(fixed, reference).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_strips_on_threads_give_the_regions_of_one_trace(monkeypatch, seed):
+    """Tracing horizontal strips on threads (regions crossing a cut traced on their own) gives exactly the
+    polygons, repairs and dropped specks of a single trace, in the same order, whatever the number of strips."""
+    import fastgicn.outputs.polygons as polygons
+
+    monkeypatch.setattr(polygons, "PARALLEL_MIN_PIXELS", 0)
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        h, w = (int(v) for v in rng.integers(8, 90, 2))
+        field = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.3, 3))
+        mask = field > np.quantile(field, rng.uniform(0.2, 0.8))
+        if trial % 3 == 0:
+            mask[:, rng.integers(0, w)] = True  # one region through every cut
+        if trial % 5 == 0:  # a ring with a hole that spans a cut
+            mask[1:-1, 1:4] = mask[1:-1, -4:-1] = mask[1:4, 1:-1] = mask[-4:-1, 1:-1] = True
+        scale = (1.0, 2.5, (3.0, 2.0))[trial % 3]
+        clip = None if trial % 4 else (w * 2.4, h * 1.9)
+        min_area = (0, 3, 10)[trial % 3]
+        one = mask_to_polygons(mask, scale, clip=clip, min_area=min_area, threads=1)
+        assert shapely.is_valid(one.geoms).all()
+        for threads in (2, 3):
+            many = mask_to_polygons(mask, scale, clip=clip, min_area=min_area, threads=threads)
+            assert (len(many), many.repaired, many.dropped) == (len(one), one.repaired, one.dropped)
+            assert many.dropped_area == pytest.approx(one.dropped_area)
+            for a, b in zip(one.geoms, many.geoms):
+                assert a.equals_exact(b, 0) or shapely.equals(a, b), (trial, threads)
+
+
+def test_regions_come_in_raster_order_of_their_first_pixel():
+    mask = np.zeros((12, 12), bool)
+    mask[6:9, 0:2] = True  # first pixel (0, 6)
+    mask[1:3, 8:10] = True  # (8, 1)
+    mask[1:5, 3:5] = True  # (3, 1): same top row, further left
+    mask[10, 5] = True  # (5, 10)
+    firsts = [min((y, x) for x, y in shapely.get_coordinates(g).tolist()) for g in mask_to_polygons(mask).geoms]
+    assert firsts == [(1, 3), (1, 8), (6, 0), (10, 5)]
