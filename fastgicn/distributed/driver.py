@@ -22,14 +22,8 @@ from ..config import TileConfig
 from ..errors import ConfigError
 from ..naming import output_paths
 from ..outputs.report import outputs_complete
-from ..pipeline import (
-    SlideResult,
-    check_cohort,
-    clear_outputs,
-    done_lines,
-    fingerprint_options,
-    run_summary_line,
-)
+from ..pipeline import check_cohort, done_lines, fingerprint_options, run_summary_line
+from ..slide_job import SlideResult, clear_outputs
 from .progress import ClusterProgress
 from .summary import RunSummary
 from .worker import SlideWorker

@@ -68,7 +68,8 @@ class SlideWorker:
         """Segment one slide (`task`: index, slide, out_dir, config, stitch, truth, fingerprint, model_fp,
         options) and return its record: status "done" with the report, or "failed" with the one-line reason
         for what a bad slide raises. Anything else is raised (the driver reports it)."""
-        from ..pipeline import SlideJob, failure_message
+        from ..pipeline import failure_message
+        from ..slide_job import SlideJob
 
         t0 = time.time()
         record = {"index": task["index"], "worker": self.name, "node": socket.gethostname(),
