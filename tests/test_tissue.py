@@ -103,3 +103,31 @@ def test_tissue_mask_of_a_pyramid_reads_only_a_low_level(tmp_path, monkeypatch):
     assert tm.mask[cy, cx] and not tm.mask[2, 2]
     with pytest.raises(ConfigError):
         tissue_mask(open_slide(level0), downsample=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dust_and_holes_match_an_ndimage_reference(seed):
+    """Objects under min_object_l0 (8-connected) go, background pieces up to max_hole_l0 not touching the border
+    (4-connected) fill: the same as scipy.ndimage labelling and binary_fill_holes restricted by size."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.random((160, 200)), 1.5)
+    tissue = field > np.quantile(field, 0.55)
+    rgb = np.where(tissue[..., None], np.uint8([180, 90, 160]), np.uint8([242, 242, 242])).astype(np.uint8)
+    ds, min_obj, max_hole = 4, 12 * 16, 30 * 16  # 12 and 30 pixels at downsample 4
+    got = mask_from_rgb(rgb, ds, min_object_l0=min_obj, max_hole_l0=max_hole)
+
+    want = tissue.copy()
+    labels, n = ndimage.label(want, structure=np.ones((3, 3), bool))
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, range(1, n + 1))
+    for k, size in enumerate(sizes, 1):
+        if size < 12:
+            want[labels == k] = False
+    holes = ndimage.binary_fill_holes(want) & ~want
+    hl, hn = ndimage.label(holes)
+    for k in range(1, hn + 1):
+        if (hl == k).sum() <= 30:
+            want[hl == k] = True
+    assert 0 < (got != tissue).sum()  # some dust and holes were there to clean
+    np.testing.assert_array_equal(got, want)
