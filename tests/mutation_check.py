@@ -70,7 +70,7 @@ MUTATIONS = [
              "f\"{ident['bytes']}:{ident['content']}\"", "f\"{ident['bytes']}\"", (RESUME,)),
     Mutation("M09", "resume drops the metrics", "fastgicn/train/trainer.py",
              'payload["iteration"], list(payload["metrics"])', 'payload["iteration"], []', (TRAIN,)),
-    Mutation("M10", "the train CLI stores target_mpp without the downsample", "fastgicn/cli.py",
+    Mutation("M10", "the train CLI stores target_mpp without the downsample", "fastgicn/cli/train.py",
              "target_mpp=mpp * args.downsample)", "target_mpp=mpp)", (TRAIN,)),
     Mutation("M11", "TIFF X and Y resolution swapped", "fastgicn/outputs/tiff.py",
              "(1e4 / (mpp * width / w), 1e4 / (mpp * height / h))",

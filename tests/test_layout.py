@@ -53,7 +53,7 @@ def test_engine_never_imports_slide_or_outputs():
 
 
 def test_the_split_modules_are_gone():
-    for old in ("slide/reader.py", "outputs/files.py", "synth.py", "bench.py"):
+    for old in ("slide/reader.py", "outputs/files.py", "synth.py", "bench.py", "cli.py"):
         assert not (PKG / old).exists(), f"fastgicn/{old} was split; do not bring it back"
 
 
