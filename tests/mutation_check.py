@@ -105,6 +105,12 @@ MUTATIONS = [
     Mutation("M23", "the benchmark's end-to-end section always unavailable", "fastgicn/bench/backends.py",
              'return {"available": True, "slide"', 'return {"available": False, "slide"',
              ("tests/test_bench.py::test_bench_runs_end_to_end_and_writes_valid_json",)),
+    Mutation("M24", "regions crossing a strip cut traced in pieces", "fastgicn/outputs/polygons.py",
+             "strip = strip & ~crossing[labels[a:b]]", "strip = strip",
+             ("tests/test_outputs.py::test_strips_on_threads_give_the_regions_of_one_trace",)),
+    Mutation("M25", "specks dropped before tracing without the rounding slack", "fastgicn/outputs/polygons.py",
+             "gone = area + slack < min_area", "gone = area - slack < min_area",
+             ("tests/test_outputs.py::test_a_region_at_the_threshold_is_decided_on_its_polygon",)),
 ]
 
 
