@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     regions = random_regions(args.side, args.polygons, args.vertices)
-    record = {"benchmark": "annotations -> level-0 mask TIFF (fastgicn.annotations)", **_context(argv),
+    record = {"benchmark": "annotations -> level-0 mask TIFF (fastgicn.annotations)", **_context(argv, __file__),
               "slide": f"stand-in: {args.side}x{args.side} level-0 pixels, 0.25 um/px (dimensions and MPP "
                        "only; no slide file is written)",
               "polygons": args.polygons, "vertices_per_outline": args.vertices,

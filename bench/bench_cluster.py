@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "forward of one slide to the first forward of the next; medians over slide pairs) "
                            "and slides/hour, tiles/s; plain runs on one torch thread, Ray CPU workers one "
                            "each",
-              **_context(argv)}
+              **_context(argv, __file__)}
     given = argv if argv is not None else sys.argv[1:]
     record["command"] = " ".join(["python bench/bench_cluster.py", *given])
     with tempfile.TemporaryDirectory() as d:

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(row)
     record = {"benchmark": f"stitcher: ms per {args.tile}^2 uint8 tile on a {args.grid} x {args.grid} grid, one "
                            "thread, grid order, sink keeps nothing",
-              **_context(argv), "tile": args.tile, "grid": args.grid, "batch": args.batch,
+              **_context(argv, __file__), "tile": args.tile, "grid": args.grid, "batch": args.batch,
               "repeats": args.repeats, "statistic": "median over repeats of (pass seconds / tiles)",
               "results": results,
               "note": "blend sums are exact 8.8 fixed point now; the float32 stitcher of --before rounded each "

@@ -177,11 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     return _write(record, args.out)
 
 
-def _context(argv: list[str] | None) -> dict:
+def _context(argv: list[str] | None, script: str = __file__) -> dict:
+    """Machine, versions, time and the command line of `script` (the benchmark that records: pass its __file__)."""
     import sysconfig
 
     return {
-        "command": " ".join(["python", os.path.relpath(__file__, ROOT)]
+        "command": " ".join(["python", os.path.relpath(script, ROOT)]
                             + (argv if argv is not None else sys.argv[1:])),
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "avx2": _has_avx2(),
                     "platform": platform.platform(),

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "training throughput: patches/s and the share of the step spent waiting for data, "
                      f"medians over {args.window}-iteration windows after {args.warmup} warm-up iterations, "
                      f"median of {args.rounds} interleaved rounds; the loader alone in patches/s",
-        **_context(argv),
+        **_context(argv, __file__),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": args.device,
         "model": "resnet50_gicn_gpp", "width": args.width, "patch_size": args.patch_size,
         "batch_size": args.batch_size, "patches_in_dataset": len(dataset),

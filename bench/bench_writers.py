@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "benchmark": "pyramid TIFF writers: level-0 tiles of 512 x 512 per second, whole file (lower levels "
                      "included), median of repeats; deflate levels on the map's non-uniform tiles, one core",
-        **_context(argv),
+        **_context(argv, __file__),
         "source": source, "shape": list(img.shape), "tiles": len(uniform), "uniform_tiles": int(sum(uniform)),
         "baseline": f"fastgicn/slide/pyramid_tiff.py at {args.baseline}: one thread, deflate 6",
         "map_deflate_level": MAP_DEFLATE_LEVEL,
