@@ -106,7 +106,7 @@ MUTATIONS = [
              'return {"available": True, "slide"', 'return {"available": False, "slide"',
              ("tests/test_bench.py::test_bench_runs_end_to_end_and_writes_valid_json",)),
     Mutation("M24", "regions crossing a strip cut traced in pieces", "fastgicn/outputs/polygons.py",
-             "strip = strip & ~crossing[labels[a:b]]", "strip = strip",
+             "strip[ya - a:yb - a, c0:c1] &= ~crossing[labels[ya:yb, c0:c1]]", "pass",
              ("tests/test_outputs.py::test_strips_on_threads_give_the_regions_of_one_trace",)),
     Mutation("M25", "specks dropped before tracing without the rounding slack", "fastgicn/outputs/polygons.py",
              "gone = area + slack < min_area", "gone = area - slack < min_area",

@@ -614,6 +614,7 @@ def test_strips_on_threads_give_the_regions_of_one_trace(monkeypatch, seed):
     import fastgicn.outputs.polygons as polygons
 
     monkeypatch.setattr(polygons, "PARALLEL_MIN_PIXELS", 0)
+    monkeypatch.setattr(polygons, "PARALLEL_MIN_REGIONS", 0)
     rng = np.random.default_rng(seed)
     for trial in range(40):
         h, w = (int(v) for v in rng.integers(8, 90, 2))
@@ -653,6 +654,7 @@ def test_specks_removed_before_tracing_are_the_ones_tracing_all_drops(monkeypatc
     import fastgicn.outputs.polygons as polygons
 
     monkeypatch.setattr(polygons, "PARALLEL_MIN_PIXELS", 0)
+    monkeypatch.setattr(polygons, "PARALLEL_MIN_REGIONS", 0)
     rng = np.random.default_rng(11)
     for trial in range(60):
         h, w = (int(v) for v in rng.integers(8, 80, 2))
