@@ -278,7 +278,7 @@ class SlideJob:
             timings["read_threads"] = self.batches.stats.read_seconds
             timings["read_threads_cpu"] = self.batches.stats.read_cpu_seconds
 
-            # polygons (this thread, strips on the cores) and the overlay (a thread of its own) from the reduced mask
+            # polygons (here, strips on the cores) beside the overlay (its own thread), from the reduced mask
             low = self.summary.result() >= 128  # at least half of the block is tumour
             f, ds = self.factor, self.ds
             with ThreadPoolExecutor(1, thread_name_prefix="fastgicn-overlay") as pool:
