@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import shapely
 
     from fastgicn import __version__
-    from fastgicn.outputs.polygons import tumour_geojson, write_geojson
+    from fastgicn.outputs.geojson import tumour_geojson, write_geojson
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=4096)

@@ -40,8 +40,8 @@ from .outputs.atomic import remove_partials, write_json
 from .outputs.dice import TruthDice
 from .outputs.lowres import LowRes, lowres_factor
 from .outputs.overlay import write_slide_overlay
-from .outputs.polygons import (DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area, tumour_geojson,
-                               write_geojson)
+from .outputs.geojson import tumour_geojson, write_geojson
+from .outputs.polygons import DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2, min_region_area
 from .outputs.report import slide_report
 from .outputs.tiff import PyramidBandWriter
 from .progress import Progress

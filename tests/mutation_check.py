@@ -96,7 +96,7 @@ MUTATIONS = [
              "    if grids:  # before OpenSlide", "    if False:  # before OpenSlide", (FUZZ_TARGETED,)),
     Mutation("M20", "a JPEG 2000 tile decoded before its declared size is checked", "fastgicn/slide/direct.py",
              "_check_j2k_size(data, shape)  # before decoding", "pass  # before decoding", (FUZZ_TARGETED,)),
-    Mutation("M21", "GeoJSON areas in um (mpp once, not squared)", "fastgicn/outputs/polygons.py",
+    Mutation("M21", "GeoJSON areas in um (mpp once, not squared)", "fastgicn/outputs/geojson.py",
              "shapely.area(geoms) * mpp * mpp, 2)", "shapely.area(geoms) * mpp, 2)",
              ("tests/test_outputs.py::test_geojson_rasterises_back_in_level0_coordinates",)),
     Mutation("M22", "the overlay's tint strength changed", "fastgicn/outputs/overlay.py",

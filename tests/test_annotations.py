@@ -192,7 +192,7 @@ def small_slide(tmp_path_factory):
 
 def _trace_to_geojson(mask_path, out_path):
     """The synthetic ground truth as QuPath annotations, traced by fastgicn.outputs.polygons."""
-    from fastgicn.outputs.polygons import tumour_geojson, write_geojson
+    from fastgicn.outputs.geojson import tumour_geojson, write_geojson
     from fastgicn.slide import open_slide
 
     with open_slide(mask_path) as m:

@@ -18,8 +18,8 @@ from fastgicn.outputs.atomic import atomic_path, remove_partials, write_json
 from fastgicn.outputs.lowres import LowRes, lowres_factor
 from fastgicn.outputs.overlay import overlay_image, write_overlay_png
 from fastgicn.outputs.tiff import MAP_DEFLATE_LEVEL, PyramidBandWriter
-from fastgicn.outputs.polygons import (geojson_features, mask_to_polygons, min_region_area, tumour_geojson,
-                                     write_geojson)
+from fastgicn.outputs.geojson import geojson_features, tumour_geojson, write_geojson
+from fastgicn.outputs.polygons import mask_to_polygons, min_region_area
 from slide_fixtures import reference_reduce
 
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity: OpenCV's regions
@@ -544,7 +544,7 @@ def geos_geojson_text(geoms):
 def test_fast_paths_give_what_geos_gives(seed):
     """Validity checked only near corner contacts, and integral GeoJSON typed out with NumPy: the same
     repairs as checking every polygon, and the same text as GEOS writes."""
-    from fastgicn.outputs import polygons as P
+    from fastgicn.outputs import geojson as G
 
     mask = np.random.default_rng(seed).random((45, 52)) > (0.4 + 0.05 * seed)
     mask[:3, :4] = True  # touches the border
@@ -553,7 +553,7 @@ def test_fast_paths_give_what_geos_gives(seed):
         regions = mask_to_polygons(mask, scale, clip=clip)
         geoms = list(regions.geoms)
         assert all(g.is_valid for g in geoms)
-        fast = P._integral_geojson(regions.geoms)
+        fast = G._integral_geojson(regions.geoms)
         ref = geos_geojson_text(geoms)
         if not float(scale).is_integer():
             assert fast is None  # fractional coordinates: GEOS writes them

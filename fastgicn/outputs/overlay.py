@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from ..errors import ConfigError
 from .atomic import atomic_path
-from .polygons import TUMOR_COLOR
+from .geojson import TUMOR_COLOR
 
 OVERLAY_PNG_LEVEL = 1  # zlib level of the overlay PNG
 OVERLAY_PNG_STRATEGY = 3  # zlib's Z_RLE
