@@ -685,3 +685,19 @@ def test_a_region_at_the_threshold_is_decided_on_its_polygon():
     (g,) = mask_to_polygons(mask, 2 / 3, min_area=0.4446).geoms
     assert g.area == pytest.approx(0.667 ** 2) and g.area >= 0.4446
     assert len(mask_to_polygons(mask, 2 / 3, min_area=0.4449)) == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_overlay_matches_a_numpy_reference_on_random_masks(seed):
+    """Tint (integer 45 % of the colour over the thumbnail) where the mask is, solid colour on its outline
+    (mask pixels with a 4-neighbour outside it, scipy's erosion), the thumbnail elsewhere."""
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(1, 600, 2))
+    thumb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = ndimage.gaussian_filter(rng.random((h, w)), 1.5) > 0.5
+    a = round(0.45 * 256)
+    want = thumb.copy()
+    tint = (thumb.astype(np.uint32) * (256 - a) + np.array([200, 0, 0]) * a + 128) >> 8
+    want[mask] = tint[mask]
+    want[mask & ~ndimage.binary_erosion(mask, border_value=0)] = (200, 0, 0)
+    np.testing.assert_array_equal(overlay_image(thumb, mask), want)

