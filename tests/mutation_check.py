@@ -98,7 +98,7 @@ MUTATIONS = [
              "_check_j2k_size(data, shape)  # before decoding", "pass  # before decoding", (FUZZ_TARGETED,)),
     Mutation("M21", "GeoJSON areas in um (mpp once, not squared)", "fastgicn/outputs/geojson.py",
              "shapely.area(geoms) * mpp * mpp, 2)", "shapely.area(geoms) * mpp, 2)",
-             ("tests/test_outputs.py::test_geojson_rasterises_back_in_level0_coordinates",)),
+             ("tests/test_polygons.py::test_geojson_rasterises_back_in_level0_coordinates",)),
     Mutation("M22", "the overlay's tint strength changed", "fastgicn/outputs/overlay.py",
              "alpha: float = 0.45", "alpha: float = 0.6",
              ("tests/test_outputs.py::test_overlay_tints_tumour_and_keeps_the_rest",)),
@@ -107,10 +107,10 @@ MUTATIONS = [
              ("tests/test_bench.py::test_bench_runs_end_to_end_and_writes_valid_json",)),
     Mutation("M24", "regions crossing a strip cut traced in pieces", "fastgicn/outputs/polygons.py",
              "strip[ya - a:yb - a, c0:c1] &= ~crossing[labels[ya:yb, c0:c1]]", "pass",
-             ("tests/test_outputs.py::test_strips_on_threads_give_the_regions_of_one_trace",)),
+             ("tests/test_polygons.py::test_strips_on_threads_give_the_regions_of_one_trace",)),
     Mutation("M25", "specks dropped before tracing without the rounding slack", "fastgicn/outputs/polygons.py",
              "gone = area + slack < min_area", "gone = area - slack < min_area",
-             ("tests/test_outputs.py::test_a_region_at_the_threshold_is_decided_on_its_polygon",)),
+             ("tests/test_polygons.py::test_a_region_at_the_threshold_is_decided_on_its_polygon",)),
 ]
 
 

@@ -11,18 +11,17 @@ import shapely
 import shapely.geometry
 import torch
 import torch.nn.functional as F
-from test_outputs import fill_features
+from test_polygons import fill_features
 from torch import nn
 
 from fastgicn.config import TileConfig
+from fastgicn.demo import DEMO_WEIGHTS
 from fastgicn.errors import ConfigError
 from fastgicn.models import create_model
 from fastgicn.models.metrics import dice_score
-from fastgicn.demo import DEMO_WEIGHTS
+from fastgicn.outputs.tiff import write_pyramid
 from fastgicn.pipeline import output_paths, outputs_complete, segment_slide, segment_slides
 from fastgicn.progress import Progress
-from fastgicn.outputs.tiff import write_pyramid
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
