@@ -21,7 +21,7 @@ from .errors import ConfigError, FastGicnError
 from .naming import OUTPUT_SUFFIXES, output_paths, slide_stem  # noqa: F401 (re-exported)
 from .outputs.polygons import DEFAULT_MIN_REGION_PIXELS, DEFAULT_MIN_REGION_UM2
 from .outputs.report import REPORT_FORMAT, outputs_complete  # noqa: F401 (re-exported)
-from .slide_job import SlideJob, SlideResult, clear_outputs  # noqa: F401 (clear_outputs: re-exported)
+from .slide_job import SlideJob, SlideResult
 
 __all__ = ["segment_slide", "segment_slides", "SlideJob", "SlideResult", "output_paths", "outputs_complete"]
 
